@@ -1,0 +1,47 @@
+"""Writing stage outputs so that a failed stage leaves nothing that looks done.
+
+Outputs are built in a temporary sibling and moved into place only when complete;
+DVC records a stage in dvc.lock only after it exits 0, and a crash leaves at most a
+`.tmp-*` folder that the next run removes.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def log(message):
+    """One line per phase, to stderr so that stdout stays clean for tools."""
+    print(f"[{Path(sys.argv[0]).stem if sys.argv[0] else 'qlora'}] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a fresh temporary folder that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are shared through DVC
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path, data):
+    """Write a small JSON file atomically (a reader never sees half of it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+

@@ -1,0 +1,14 @@
+"""The tokenized splits the tokenize stage writes, as the trainer and the scorers read them."""
+
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+IGNORE_INDEX = -100  # labels with this value are left out of the loss
+
+
+def load_split(folder, name):
+    """A tokenized split as a datasets.Dataset (input_ids, labels, prompt_length, prompt, completion)."""
+    import pandas as pd
+    from datasets import Dataset
+
+    return Dataset.from_pandas(pd.read_parquet(Path(folder) / f"{name}.parquet"), preserve_index=False)

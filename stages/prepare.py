@@ -1,0 +1,173 @@
+"""Raw data to seeded, deterministic train/val/test splits of prompt and completion.
+
+Reads `paths.raw` (JSONL, CSV or Parquet, optionally gzipped) or a hub dataset,
+builds each example's prompt turns and completion as `data.*` says, drops empty
+and duplicate prompts (counted), and splits per label so that every split has the
+same label mix. No prompt appears in two splits.
+"""
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+from qlora.outputs import atomic_dir, log, write_json
+from qlora.params import load_params
+
+PARAMS = ["data", "paths.raw", "paths.prepared", "paths.metrics"]
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(SystemExit):
+    """Bad raw data: the stage exits non-zero with a message naming the file and field."""
+
+
+def read_raw(path):
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: raw data file not found (params.yaml: paths.raw)")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: raw data file is empty")
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    kind = suffixes[-1] if suffixes else ""
+    try:
+        if kind in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=kind == ".jsonl")
+        elif kind == ".csv":
+            frame = pd.read_csv(path, keep_default_na=False)
+        elif kind == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise DataError(f"{path}: unknown format {kind!r}; use .jsonl, .json, .csv or .parquet (optionally .gz)")
+    except DataError:
+        raise
+    except Exception as err:  # pandas raises many types; the user needs the file and the reason
+        raise DataError(f"{path}: cannot be read as {kind[1:]}: {err}") from None
+    if frame.empty:
+        raise DataError(f"{path}: no rows")
+    return frame.to_dict("records")
+
+
+def read_hub(hub_id, split):
+    from datasets import load_dataset
+
+    return load_dataset(hub_id, split=split).to_list()
+
+
+def to_example(row, d, where):
+    """One raw row to (prompt turns, completion); None fields make it an empty example."""
+    if d.messages_field:
+        turns = row[d.messages_field]
+        if not isinstance(turns, list) or not turns or turns[-1].get("role") != "assistant":
+            raise DataError(f"{where}: field {d.messages_field!r} must be a list of chat turns ending with the assistant's")
+        return [dict(role=t["role"], content=t["content"]) for t in turns[:-1]], str(turns[-1]["content"])
+    if d.prompt_field:
+        prompt = row[d.prompt_field]
+    else:
+        values = {k: "" if v is None else v for k, v in row.items()}
+        prompt = d.prompt_template.format(labels=", ".join(d.labels), **values)
+    completion = row[d.completion_field]
+    return [dict(role="user", content=str(prompt).strip())], str(completion).strip()
+
+
+def check_fields(rows, d, source):
+    needed = [f for f in (d.messages_field, d.prompt_field, d.completion_field) if f]
+    if not d.prompt_field and not d.messages_field:
+        import string
+        needed += [name for _, name, _, _ in string.Formatter().parse(d.prompt_template) if name and name != "labels"]
+    missing = [f for f in needed if f not in rows[0]]
+    if missing:
+        raise DataError(f"{source}: missing field {missing[0]!r} (params.yaml data.*); "
+                        f"the file has: {', '.join(map(str, rows[0]))}")
+
+
+def build_examples(rows, d, source):
+    """Examples as dicts with `messages` (prompt turns) and `completion`, with counts of what was dropped."""
+    check_fields(rows, d, source)
+    labels = set(d.labels)
+    examples, seen, dropped = [], set(), Counter()
+    for i, row in enumerate(rows, start=1):
+        messages, completion = to_example(row, d, f"{source} row {i}")
+        if not completion or not messages[-1]["content"]:
+            dropped["empty"] += 1
+            continue
+        if labels and completion not in labels:
+            dropped["other_label"] += 1
+            continue
+        key = json.dumps(messages)
+        if key in seen:  # the same prompt twice could land in train and test
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        examples.append(dict(messages=messages, completion=completion))
+    if not examples:
+        raise DataError(f"{source}: no usable examples (dropped: {dict(dropped)}); check data.labels and the fields")
+    return examples, dropped
+
+
+def split_examples(examples, d):
+    """Shuffle with data.seed, cap each label, and split each label by the fractions (stratified)."""
+    rng = random.Random(d.seed)
+    rng.shuffle(examples)
+    by_label = {}
+    for ex in examples:
+        key = ex["completion"] if d.labels else None
+        by_label.setdefault(key, []).append(ex)
+    splits = {s: [] for s in SPLITS}
+    for group in by_label.values():
+        group = group[: d.max_per_label] if d.labels and d.max_per_label else group
+        n_test = max(1, round(len(group) * d.test_fraction))
+        n_val = max(1, round(len(group) * d.val_fraction))
+        splits["test"] += group[:n_test]
+        splits["val"] += group[n_test : n_test + n_val]
+        splits["train"] += group[n_test + n_val :]
+    if not d.labels and d.max_per_label:
+        splits = {name: split[: d.max_per_label] for name, split in splits.items()}
+    for split in splits.values():
+        rng.shuffle(split)
+    return splits
+
+
+def count_overlap(splits):
+    keys = {s: {json.dumps(ex["messages"]) for ex in rows} for s, rows in splits.items()}
+    return sum(len(keys[a] & keys[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :])
+
+
+def main():
+    p = load_params(PARAMS)
+    d = p.data
+    source = f"hub:{d.hub_id}" if d.hub_id else p.paths.raw
+    rows = read_hub(d.hub_id, d.hub_split) if d.hub_id else read_raw(p.paths.raw)
+    log(f"read {len(rows)} rows from {source}")
+
+    examples, dropped = build_examples(rows, d, source)
+    splits = split_examples(examples, d)
+    overlap = count_overlap(splits)
+    assert overlap == 0, f"{overlap} prompts in more than one split"
+    for name in SPLITS:
+        if not splits[name]:
+            raise DataError(f"{source}: split {name!r} is empty; use more data or larger fractions")
+
+    with atomic_dir(p.paths.prepared) as out:
+        for name, split in splits.items():
+            with open(out / f"{name}.jsonl", "w") as f:
+                f.writelines(json.dumps(ex, ensure_ascii=False) + "\n" for ex in split)
+    metrics = {
+        "raw_rows": len(rows),
+        **{f"{name}_examples": len(split) for name, split in splits.items()},
+        "dropped_empty": dropped["empty"],
+        "dropped_duplicate": dropped["duplicate"],
+        "dropped_other_label": dropped["other_label"],
+        "cross_split_duplicates": overlap,
+        "labels": {name: dict(sorted(Counter(ex["completion"] for ex in split).items()))
+                   for name, split in splits.items()} if d.labels else {},
+    }
+    write_json(Path(p.paths.metrics) / "prepare.json", metrics)
+    log(" ".join(f"{name}={len(split)}" for name, split in splits.items()) + f" dropped={dict(dropped)}")
+
+
+if __name__ == "__main__":
+    main()

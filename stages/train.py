@@ -1,0 +1,125 @@
+"""Train LoRA adapters on the quantized model with peft and TRL's SFTTrainer.
+
+The base weights stay frozen (and 4- or 8-bit); only the low-rank A and B matrices
+beside `lora.target_modules` learn. Every hyperparameter comes from params.yaml
+(`lora.*`, `train.*`); the adapter is saved as safetensors.
+"""
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from qlora.models import is_quantized, load_model, module_names
+from qlora.outputs import atomic_dir, log, write_json
+from qlora.params import ParamsError, load_params
+from qlora.splits import load_split
+
+PARAMS = ["lora", "train", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter", "paths.metrics"]
+
+
+def lora_config(lo):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        bias=lo.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(t, output_dir, bf16):
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a share of all steps
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+        max_length=None,  # the tokenize stage already cut examples to tokenize.max_length
+        save_strategy="no",  # the adapter is saved once, below, as the stage's output
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def main():
+    import torch
+    from transformers import AutoTokenizer, set_seed
+    from trl import SFTTrainer
+
+    p = load_params(PARAMS)
+    set_seed(p.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
+    train_set = load_split(p.paths.tokenized, "train")
+    model = load_model(p.paths.quantized)
+    missing = sorted(set(p.lora.target_modules) - module_names(model))
+    if missing:
+        raise ParamsError(f"params.yaml: lora.target_modules names {missing[0]!r}, which the model does not have "
+                          f"(it has: {', '.join(sorted(module_names(model)))})")
+    if is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.train.gradient_checkpointing)
+
+    bf16 = model.config.dtype == torch.bfloat16 or getattr(model.config, "quantization_config", {}).get(
+        "bnb_4bit_compute_dtype") == "bfloat16"
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(p.train, scratch, bf16),
+            train_dataset=train_set,
+            processing_class=tokenizer,
+            peft_config=lora_config(p.lora),
+        )
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        log(f"{trainable} trainable parameters of {total} ({100 * trainable / total:.3f}%), "
+            f"{len(train_set)} examples")
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+        history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if not history or not all(math.isfinite(x) for x in history):
+            raise SystemExit(f"train: the loss is not finite ({history[-3:]}); no adapter written. "
+                             "Lower train.learning_rate or check the data.")
+
+        with atomic_dir(p.paths.adapter) as out:
+            trainer.model.save_pretrained(out)
+
+    tokens = trainer.state.num_input_tokens_seen or sum(map(len, train_set["input_ids"])) * trainer.state.epoch
+    metrics = dict(
+        trainable_parameters=trainable,
+        trainable_fraction=round(trainable / total, 6),
+        train_loss=round(result.training_loss, 4),
+        final_loss=round(history[-1], 4),
+        steps=trainer.state.global_step,
+        epochs=round(trainer.state.epoch, 3),
+        seconds=round(seconds, 1),
+        tokens_per_second=round(tokens / seconds, 1),
+    )
+    write_json(Path(p.paths.metrics) / "train.json", metrics)
+    log(f"{metrics['steps']} steps in {seconds:.0f}s, loss {history[0]:.3f} -> {history[-1]:.3f}, "
+        f"{metrics['tokens_per_second']} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

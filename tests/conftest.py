@@ -1,0 +1,131 @@
+"""Shared fixtures: a tiny Llama built from a config, with the real SmolLM2 tokenizer.
+
+Everything runs offline on CPU. The tiny model has the real vocabulary (so the real
+chat template and tokenizer are exercised) but 2 layers of width 64.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "qlora", "data/raw"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(vocab_size):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The real SmolLM2 tokenizer and chat template, read from the bundled GGUF once."""
+    from transformers import AutoTokenizer
+
+    from stages.base import BUNDLED_GGUF, bundled_dir
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(bundled_dir(), gguf_file=BUNDLED_GGUF).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A Hugging Face model folder (safetensors + tokenizer) of a 2-layer Llama, as a user's local model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config(len(tokenizer))).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_project(dest, overrides):
+    """Copy the pipeline into a fresh git repo with DVC, params changed as `overrides` ({"a.b": v})."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    set_params(dest / "params.yaml", overrides)
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "test@example.com"], dest)
+    run(["git", "config", "user.name", "test"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "core.analytics", "false"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "init"], dest)
+    return dest
+
+
+def set_params(path, overrides):
+    params = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(cmd, cwd, check=True):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+TINY_OVERRIDES = {
+    "data.max_per_label": 8,
+    "train.max_steps": 3,
+    "train.batch_size": 4,
+    "train.logging_steps": 1,
+    "evaluate.max_new_tokens": 3,
+}
+
+
+def repro(project):
+    """`dvc repro`, commit the result, and return the names of the stages that ran."""
+    out = run(["dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "repro", "--allow-empty"], project)
+    return set(re.findall(r"Running stage '(\w+)'", out.stdout))
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory, tiny_model_dir):
+    """The real pipeline reproduced once in a temporary git + DVC repo, on the tiny local model."""
+    project = make_project(tmp_path_factory.mktemp("reproduced") / "project",
+                           {**TINY_OVERRIDES, "base.source": "local", "base.path": str(tiny_model_dir)})
+    ran = repro(project)
+    return project, ran
+
+
+@pytest.fixture
+def tiny_project(tmp_path, reproduced_project):
+    """A private copy of the reproduced project, for a test to change."""
+    dest = tmp_path / "project"
+    shutil.copytree(reproduced_project[0], dest, symlinks=True)
+    return dest

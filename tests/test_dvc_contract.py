@@ -1,0 +1,74 @@
+"""dvc.yaml says exactly what each stage's code reads: its params keys and its project modules.
+
+Without this, a stage could read a param or import a module that dvc.yaml does not
+list, and DVC would skip it when that changed (a stale result that looks fresh).
+"""
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora.params import PARAMS_FILE, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PARAMS = yaml.safe_load((ROOT / PARAMS_FILE).read_text())
+# A module that loads a non-Python project file at run time, and that file.
+RUNTIME_LOADS = {"qlora/scoring.py": "qlora/evaluate_modules/accuracy"}
+
+
+def project_imports(path, seen=None):
+    """The project's .py files that `path` imports, transitively (relative to the repo root)."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            if name.split(".")[0] in ("qlora", "stages"):
+                dep = name.replace(".", "/") + ".py"
+                if dep not in seen and (ROOT / dep).exists():
+                    seen.add(dep)
+                    project_imports(dep, seen)
+    return seen
+
+
+def render(value):
+    """dvc.yaml's ${paths.x} templating, for comparing deps to code."""
+    for key, path in PARAMS["paths"].items():
+        value = value.replace("${paths.%s}" % key, path)
+    return value
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_params_declared_in_dvc_yaml_match_the_stage_module(stage):
+    module = importlib.import_module(f"stages.{stage}")
+    assert sorted(DVC[stage]["params"]) == sorted(module.PARAMS)
+    assert DVC[stage]["cmd"] == f"python -m stages.{stage}"
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_code_deps_are_the_module_and_everything_it_imports(stage):
+    own = f"stages/{stage}.py"
+    code = {own} | project_imports(own)
+    code |= {RUNTIME_LOADS[m] for m in code if m in RUNTIME_LOADS}
+    declared = {render(d) for d in DVC[stage]["deps"]}
+    declared_code = {d for d in declared if d.startswith(("stages/", "qlora/"))}
+    assert declared_code == code
+
+
+def test_every_path_param_is_used_by_a_stage():
+    declared = {k for stage in DVC.values() for k in stage["params"]}
+    assert {f"paths.{k}" for k in PARAMS["paths"]} <= declared
+
+
+def test_a_stage_cannot_read_an_undeclared_key():
+    view = load_params(["lora", "paths.adapter"], ROOT / PARAMS_FILE)
+    assert view.lora.r == parse_params(ROOT / PARAMS_FILE).lora.r
+    assert view.paths.adapter
+    with pytest.raises(AttributeError, match="train is read but not declared"):
+        view.train.seed
+    with pytest.raises(AttributeError, match="paths.base is read but not declared"):
+        view.paths.base

@@ -1,0 +1,78 @@
+"""The real pipeline with real DVC in a temporary git repo, on the tiny model.
+
+One reproduced pipeline, then the stage-skip contract: changing one lever reruns
+exactly the stages downstream of it, and editing the README reruns nothing.
+"""
+
+import json
+import re
+
+import pytest
+from safetensors import safe_open
+
+from conftest import repro, run, set_params
+
+ALL = {"base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate"}
+
+
+def test_reproduced_pipeline_writes_every_output(reproduced_project):
+    p, ran = reproduced_project
+    assert ran == ALL
+    assert repro(p) == set(), "a second repro runs nothing"
+
+    with safe_open(p / "models/adapter/adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys)
+    assert not list((p / "models").glob("**/*.bin")), "only safetensors are written"
+    prepared = {s: (p / f"data/prepared/{s}.jsonl").read_text().splitlines() for s in ("train", "val", "test")}
+    assert not set(prepared["train"]) & set(prepared["test"])
+    evaluation = json.loads((p / "metrics/evaluate.json").read_text())
+    for key in ("train_loss", "val_loss", "test_loss", "gap", "test_accuracy", "base_test_accuracy"):
+        assert key in evaluation
+    train = json.loads((p / "metrics/train.json").read_text())
+    assert train["steps"] == 3 and train["trainable_parameters"] > 0
+
+
+def test_stage_skip_matrix(tiny_project):
+    p = tiny_project
+
+    cases = [
+        ({"lora.r": 4}, {"train", "evaluate"}),
+        ({"train.learning_rate": 1.0e-3}, {"train", "evaluate"}),
+        ({"quantize.quant_type": "fp4"}, {"quantize", "train", "evaluate_base", "evaluate"}),
+        ({"tokenize.max_length": 64}, {"tokenize", "train", "evaluate_base", "evaluate"}),
+        ({"data.seed": 7}, {"prepare", "tokenize", "train", "evaluate_base", "evaluate"}),
+    ]
+    for change, expected in cases:
+        set_params(p / "params.yaml", change)
+        assert repro(p) == expected, change
+
+    (p / "README.md").write_text("edited\n")
+    assert repro(p) == set()
+
+
+def test_exp_run_set_param_reruns_train_only(tiny_project):
+    p = tiny_project
+    out = run(["dvc", "exp", "run", "-S", "lora.r=16"], p)
+    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"train", "evaluate"}
+    table = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
+    shown = json.dumps(table)
+    assert '"r": 16' in shown and "test_accuracy" in shown
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lora.r", 0, "lora.r must be a positive integer, got 0"),
+    ("lora.dropout", 1.0, "lora.dropout must be in [0, 1), got 1.0"),
+    ("quantize.quant_type", "nf3", "quantize.quant_type must be one of nf4, fp4, got 'nf3'"),
+    ("lora.target_modules", ["q_proj", "attn_qkv"], "lora.target_modules names 'attn_qkv'"),
+])
+def test_bad_params_stop_train_and_leave_no_output(tiny_project, key, value, message):
+    p = tiny_project
+    lock = (p / "dvc.lock").read_text()
+    set_params(p / "params.yaml", {key: value})
+    result = run(["dvc", "repro"], p, check=False)
+    assert result.returncode != 0
+    assert "params.yaml" in result.stderr + result.stdout and message in result.stderr + result.stdout
+    assert (p / "dvc.lock").read_text() == lock, "a failed stage must not be recorded as done"
+    status = run(["dvc", "status", "--json"], p)
+    assert "train" in json.loads(status.stdout) or "quantize" in json.loads(status.stdout)
