@@ -35,6 +35,23 @@ def load_model(path):
     return model
 
 
+def keep_4bit_weights_trainable(model):
+    """Turn off bitsandbytes' packed CPU inference path on every 4-bit layer; returns how many.
+
+    The trap: on CPUs with AVX512-BF16, a `Linear4bit` forward in eval mode without
+    grad repacks its weight in place into a CPU inference layout and never packs it
+    back (bitsandbytes/nn/modules.py, Linear4bit.forward). Training steps after that
+    (after any mid-training evaluation) get wrong LoRA gradients, silently. With the
+    flag off, evaluation takes the same dequantize-and-matmul path as training.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def is_quantized(model):
     return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
 

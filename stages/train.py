@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora.models import is_quantized, load_model, module_names
+from qlora.models import is_quantized, keep_4bit_weights_trainable, load_model, module_names
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
 from qlora.splits import load_split
@@ -76,6 +76,7 @@ def main():
     if missing:
         raise ParamsError(f"params.yaml: lora.target_modules names {missing[0]!r}, which the model does not have "
                           f"(it has: {', '.join(sorted(module_names(model)))})")
+    keep_4bit_weights_trainable(model)  # the AVX512-BF16 CPU trap: see qlora/models.py
     if is_quantized(model):
         from peft import prepare_model_for_kbit_training
 

@@ -1,0 +1,67 @@
+"""params.yaml is validated before any heavy work; errors name the file, key and value."""
+
+import shutil
+
+import pytest
+
+from conftest import ROOT, set_params
+from qlora.params import ParamsError, parse_params
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    return path
+
+
+def test_the_shipped_params_are_valid():
+    p = parse_params(ROOT / "params.yaml")
+    assert p.quantize.bits == 4 and p.lora.r > 0
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lora.r", 0, "lora.r must be a positive integer, got 0"),
+    ("lora.r", "abc", "lora.r must be an integer, got 'abc'"),
+    ("lora.r", 8.5, "lora.r must be an integer, got 8.5"),
+    ("lora.dropout", 1.0, "lora.dropout must be in [0, 1), got 1.0"),
+    ("lora.dropout", -0.1, "lora.dropout must be in [0, 1), got -0.1"),
+    ("quantize.bits", 3, "quantize.bits must be one of 4, 8, 16, got 3"),
+    ("quantize.quant_type", "nf3", "quantize.quant_type must be one of nf4, fp4, got 'nf3'"),
+    ("quantize.double_quant", "yes", "quantize.double_quant must be true or false, got 'yes'"),
+    ("quantize.compute_dtype", "int4", "quantize.compute_dtype must be one of bfloat16, float16, float32"),
+    ("train.learning_rate", "fast", "train.learning_rate must be a number, got 'fast'"),
+    ("train.optimizer", "adam", "train.optimizer must be one of"),
+    ("lora.target_modules", [], "lora.target_modules must be a non-empty list"),
+    ("data.test_fraction", 0.9, "data.test_fraction must be small enough to leave training data"),
+    ("base.source", "s3", "base.source must be one of bundled, local, hub, got 's3'"),
+])
+def test_bad_value_names_file_key_and_value(params_file, key, value, message):
+    set_params(params_file, {key: value})
+    with pytest.raises(ParamsError) as err:
+        parse_params(params_file)
+    assert str(params_file) in str(err.value) and message in str(err.value)
+
+
+def test_unknown_key_is_refused(params_file):
+    set_params(params_file, {"lora.rank": 8})
+    with pytest.raises(ParamsError, match=r"unknown key lora\.rank"):
+        parse_params(params_file)
+
+
+def test_missing_key_is_refused(params_file):
+    params_file.write_text(params_file.read_text().replace("  r: 8 ", "  # r removed "))
+    with pytest.raises(ParamsError, match=r"missing key lora\.r"):
+        parse_params(params_file)
+
+
+def test_exponent_without_dot_is_a_number(params_file):
+    # `dvc exp run -S train.learning_rate=1e-4` writes 1e-4, which PyYAML reads as a string.
+    params_file.write_text(params_file.read_text().replace("learning_rate: 2.0e-4", "learning_rate: 1e-4"))
+    assert parse_params(params_file).train.learning_rate == 1e-4
+
+
+def test_hub_source_requires_a_pinned_revision(params_file):
+    set_params(params_file, {"base.source": "hub", "base.revision": None})
+    with pytest.raises(ParamsError, match="base.revision must be a pinned commit hash"):
+        parse_params(params_file)
