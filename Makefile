@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 
 repro: $(VENV)/.installed
 	dvc repro
-	dvc metrics show
+	dvc metrics show --md metrics/evaluate.json
 
 test: $(VENV)/.installed-dev
 	python -m pytest -q tests

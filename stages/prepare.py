@@ -162,9 +162,10 @@ def main():
         "dropped_duplicate": dropped["duplicate"],
         "dropped_other_label": dropped["other_label"],
         "cross_split_duplicates": overlap,
-        "labels": {name: dict(sorted(Counter(ex["completion"] for ex in split).items()))
-                   for name, split in splits.items()} if d.labels else {},
     }
+    # The label mix per split: a file of its own, to keep `dvc exp show` narrow.
+    write_json(Path(p.paths.metrics) / "labels.json",
+               {name: dict(sorted(Counter(ex["completion"] for ex in split).items())) for name, split in splits.items()})
     write_json(Path(p.paths.metrics) / "prepare.json", metrics)
     log(" ".join(f"{name}={len(split)}" for name, split in splits.items()) + f" dropped={dict(dropped)}")
 

@@ -60,7 +60,7 @@ def main():
 
     p = load_params(PARAMS)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
-    metrics = {}
+    metrics = dict(truncated=0, dropped_prompt_too_long=0, max_tokens=0)
     with atomic_dir(p.paths.tokenized) as out:
         for name in SPLITS:
             rows, dropped = tokenize_split(tokenizer, Path(p.paths.prepared) / f"{name}.jsonl", p.tokenize)
@@ -70,16 +70,12 @@ def main():
             frame = pd.DataFrame(rows)
             frame.to_parquet(out / f"{name}.parquet", index=False)
             lengths = frame["input_ids"].map(len)
-            metrics[name] = dict(
-                examples=len(frame),
-                truncated=int(frame["truncated"].sum()),
-                dropped_prompt_too_long=dropped,
-                tokens=int(lengths.sum()),
-                completion_tokens=int(frame["labels"].map(lambda ls: sum(x != IGNORE_INDEX for x in ls)).sum()),
-                max_length=int(lengths.max()),
-            )
-            log(f"{name}: {len(frame)} examples, {metrics[name]['tokens']} tokens, "
-                f"{metrics[name]['truncated']} truncated, {dropped} dropped")
+            truncated = int(frame["truncated"].sum())
+            metrics["truncated"] += truncated
+            metrics["dropped_prompt_too_long"] += dropped
+            metrics["max_tokens"] = max(metrics["max_tokens"], int(lengths.max()))
+            metrics[f"{name}_tokens"] = int(lengths.sum())
+            log(f"{name}: {len(frame)} examples, {int(lengths.sum())} tokens, {truncated} truncated, {dropped} dropped")
     write_json(Path(p.paths.metrics) / "tokenize.json", metrics)
 
 
