@@ -40,14 +40,19 @@ def keep_4bit_weights_trainable(model):
 
     The trap: on CPUs with AVX512-BF16, a `Linear4bit` forward in eval mode without
     grad repacks its weight in place into a CPU inference layout and never packs it
-    back (bitsandbytes/nn/modules.py, Linear4bit.forward). Training steps after that
-    (after any mid-training evaluation) get wrong LoRA gradients, silently. With the
-    flag off, evaluation takes the same dequantize-and-matmul path as training.
+    back (bitsandbytes/nn/modules.py, Linear4bit.forward). From then on matmul_4bit
+    takes `gemv_4bit`, a custom op with no autograd kernel, so no gradient flows back
+    through that layer: LoRA matrices below it get wrong or no gradients, silently,
+    after any mid-training evaluation or generate(). With the flag off, evaluation
+    takes the same dequantize-and-matmul path as training.
     """
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for layer in layers:
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            # Unpacking is lossy (bitsandbytes' inverse keeps bf16 scales): only a reload is clean.
+            raise RuntimeError("a 4-bit layer was already repacked by an eval pass; reload the model first")
         layer.support_avx512bf16_for_cpu = False
     return len(layers)
 

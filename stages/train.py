@@ -31,7 +31,7 @@ def lora_config(lo):
     )
 
 
-def sft_config(t, output_dir, bf16):
+def sft_config(t, output_dir, bf16, fp16):
     import torch
     from trl import SFTConfig
 
@@ -52,6 +52,7 @@ def sft_config(t, output_dir, bf16):
         seed=t.seed,
         data_seed=t.seed,
         bf16=bf16,
+        fp16=fp16,
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
         max_length=None,  # the tokenize stage already cut examples to tokenize.max_length
@@ -82,12 +83,13 @@ def main():
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.train.gradient_checkpointing)
 
-    bf16 = model.config.dtype == torch.bfloat16 or getattr(model.config, "quantization_config", {}).get(
-        "bnb_4bit_compute_dtype") == "bfloat16"
+    # The quantize stage stored the model in quantize.compute_dtype; autocast to the same.
+    bf16 = model.config.dtype == torch.bfloat16
+    fp16 = model.config.dtype == torch.float16 and torch.cuda.is_available()  # no fp16 autocast on CPU
     with tempfile.TemporaryDirectory() as scratch:
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(p.train, scratch, bf16),
+            args=sft_config(p.train, scratch, bf16, fp16),
             train_dataset=train_set,
             processing_class=tokenizer,
             peft_config=lora_config(p.lora),
