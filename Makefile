@@ -9,7 +9,11 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: repro test install clean
+.PHONY: repro test install clean exps plots compare
+
+# `dvc exp show` narrowed to what answers "which run generalised best": changed params and
+# metrics only (no dependency hashes, no perplexities), lowest val loss first.
+EXPS_DROP := Created|data/|models/|stages/|qlora/|metrics/live|metrics/\w+\.json$$|.*perplexity|.*seconds
 
 repro: $(VENV)/.installed
 	dvc repro
@@ -19,6 +23,17 @@ test: $(VENV)/.installed-dev
 	python -m pytest -q tests
 
 install: $(VENV)/.installed
+
+exps: $(VENV)/.installed
+	dvc exp show --only-changed --drop '$(EXPS_DROP)' --sort-by metrics/evaluate.json:val_loss --sort-order asc
+
+# Curves of the workspace, or of REVS="exp1 exp2" overlaid, as a page that renders offline.
+plots: $(VENV)/.installed
+	python -m qlora.report plots $(REVS)
+
+# One page comparing every experiment of the current commit: reports/compare.{md,html}.
+compare: $(VENV)/.installed
+	python -m qlora.report compare $(REVS)
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)

@@ -95,6 +95,9 @@ class Train:
     max_grad_norm: float
     gradient_checkpointing: bool
     logging_steps: int
+    eval_steps: int
+    early_stopping_patience: int
+    early_stopping_min_delta: float
     seed: int
 
 
@@ -102,6 +105,8 @@ class Train:
 class Evaluate:
     batch_size: int
     max_new_tokens: int
+    overfitting_rise_pct: float
+    samples: int
 
 
 @dataclass(frozen=True)
@@ -257,10 +262,16 @@ def _check(p, path):
     require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
     require(t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm, "a positive number")
     require(t.logging_steps > 0, "train.logging_steps", t.logging_steps, "a positive integer")
+    require(t.eval_steps > 0, "train.eval_steps", t.eval_steps, "a positive integer")
+    require(t.early_stopping_patience >= 0, "train.early_stopping_patience", t.early_stopping_patience,
+            "0 (off) or a positive integer")
+    require(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", t.early_stopping_min_delta, ">= 0")
 
     e = p.evaluate
     require(e.batch_size > 0, "evaluate.batch_size", e.batch_size, "a positive integer")
     require(e.max_new_tokens > 0, "evaluate.max_new_tokens", e.max_new_tokens, "a positive integer")
+    require(e.overfitting_rise_pct >= 0, "evaluate.overfitting_rise_pct", e.overfitting_rise_pct, ">= 0")
+    require(e.samples >= 0, "evaluate.samples", e.samples, "0 or a positive integer")
 
 
 class _DeclaredView:

@@ -11,7 +11,7 @@ import torch
 
 from qlora.splits import IGNORE_INDEX
 
-ACCURACY_MODULE = Path(__file__).parent / "evaluate_modules" / "accuracy"
+MODULES = Path(__file__).parent / "evaluate_modules"  # evaluate metrics that load offline
 
 
 def pad(sequences, value, side="right"):
@@ -74,12 +74,18 @@ def extract_label(answer, labels):
     return min(found)[1] if found else answer
 
 
-def accuracy(predictions, references):
-    """Exact-match accuracy through an `evaluate` module that loads from this project, offline."""
+def task_metrics(answers, references):
+    """Accuracy and macro F1 of generated answers against the expected labels, through `evaluate`
+    modules that load from this project, offline. Each answer is first reduced to the label it names
+    (`extract_label`); one naming no label counts as wrong for its expected class. Macro F1 averages
+    over the expected classes, so a model that answers only the majority class scores low."""
     import evaluate
 
-    labels = sorted(set(references) | set(predictions))
-    index = {label: i for i, label in enumerate(labels)}
-    metric = evaluate.load(str(ACCURACY_MODULE))
-    result = metric.compute(predictions=[index[p] for p in predictions], references=[index[r] for r in references])
-    return round(result["accuracy"], 4)
+    classes = sorted(set(references))
+    predictions = [extract_label(a, classes) for a in answers]
+    index = {label: i for i, label in enumerate(classes + sorted(set(predictions) - set(classes)))}
+    pred, ref = [index[p] for p in predictions], [index[r] for r in references]
+    accuracy = evaluate.load(str(MODULES / "accuracy")).compute(predictions=pred, references=ref)["accuracy"]
+    f1 = evaluate.load(str(MODULES / "f1")).compute(predictions=pred, references=ref,
+                                                      labels=list(range(len(classes))), average="macro")["f1"]
+    return dict(accuracy=round(accuracy, 4), macro_f1=round(f1, 4)), predictions

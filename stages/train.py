@@ -3,6 +3,12 @@
 The base weights stay frozen (and 4- or 8-bit); only the low-rank A and B matrices
 beside `lora.target_modules` learn. Every hyperparameter comes from params.yaml
 (`lora.*`, `train.*`); the adapter is saved as safetensors.
+
+The val loss is measured before the first step and every `train.eval_steps`; the
+curves (train and val loss, learning rate, grad norm, tokens/s) go through dvclive
+into `metrics/live`, at the trainer's optimizer step so that train and val share an
+x axis. With `train.early_stopping_patience` set, training stops when the val loss
+stops improving and the saved adapter is the best one, not the last.
 """
 
 import math
@@ -15,6 +21,7 @@ from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
 from qlora.splits import load_split
 
+LIVE_DIR = "live"  # under paths.metrics: dvclive's curves, declared as plots in dvc.yaml
 PARAMS = ["lora", "train", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter", "paths.metrics"]
 
 
@@ -35,6 +42,7 @@ def sft_config(t, output_dir, bf16, fp16):
     import torch
     from trl import SFTConfig
 
+    early_stopping = t.early_stopping_patience > 0
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
@@ -49,6 +57,18 @@ def sft_config(t, output_dir, bf16, fp16):
         max_grad_norm=t.max_grad_norm,
         activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        eval_on_start=True,  # the val curve starts at the untrained adapter (the base model)
+        per_device_eval_batch_size=t.batch_size,
+        # Early stopping keeps the best adapter: checkpoints (the adapter only) at each evaluation.
+        save_strategy="steps" if early_stopping else "no",
+        save_steps=t.eval_steps,
+        save_total_limit=1,
+        save_only_model=True,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         seed=t.seed,
         data_seed=t.seed,
         bf16=bf16,
@@ -56,11 +76,54 @@ def sft_config(t, output_dir, bf16, fp16):
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
         max_length=None,  # the tokenize stage already cut examples to tokenize.max_length
-        save_strategy="no",  # the adapter is saved once, below, as the stage's output
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def tokens_per_second_callback():
+    """Adds `tokens_per_second` to each training log: non-padding tokens over the time spent in
+    optimizer steps since the previous log (evaluation time excluded), before dvclive reads it."""
+    from transformers import TrainerCallback
+
+    class TokensPerSecond(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.tokens, self.seconds, self.started = state.num_input_tokens_seen, 0.0, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds += time.perf_counter() - self.started
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs or not self.seconds:
+                return
+            logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.tokens) / self.seconds, 1)
+            self.tokens, self.seconds = state.num_input_tokens_seen, 0.0
+
+    return TokensPerSecond()
+
+
+def live_callback(folder):
+    """dvclive's Trainer callback, logging at the optimizer step; it never writes dvc.yaml."""
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    class StepAligned(DVCLiveCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "train_loss" in logs:  # the end-of-run summary goes to train.json
+                return
+            self.live.step = state.global_step
+            # dvclive files eval_* under eval/; training values go under train/ beside them. Epoch is
+            # step / steps per epoch; the Trainer's cumulative runtime figures are left out.
+            logs = {k if k.startswith("eval_") else f"train_{k}": v for k, v in logs.items()
+                    if k not in ("epoch", "train_runtime", "train_tokens_per_second")}
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+    live = Live(str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+    return StepAligned(live=live)
 
 
 def main():
@@ -72,6 +135,7 @@ def main():
     set_seed(p.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     train_set = load_split(p.paths.tokenized, "train")
+    val_set = load_split(p.paths.tokenized, "val")
     model = load_model(p.paths.quantized)
     missing = sorted(set(p.lora.target_modules) - module_names(model))
     if missing:
@@ -86,13 +150,20 @@ def main():
     # The quantize stage stored the model in quantize.compute_dtype; autocast to the same.
     bf16 = model.config.dtype == torch.bfloat16
     fp16 = model.config.dtype == torch.float16 and torch.cuda.is_available()  # no fp16 autocast on CPU
+    callbacks = [tokens_per_second_callback(), live_callback(Path(p.paths.metrics) / LIVE_DIR)]
+    if p.train.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(p.train.early_stopping_patience, p.train.early_stopping_min_delta))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = SFTTrainer(
             model=model,
             args=sft_config(p.train, scratch, bf16, fp16),
             train_dataset=train_set,
+            eval_dataset=val_set,
             processing_class=tokenizer,
             peft_config=lora_config(p.lora),
+            callbacks=callbacks,
         )
         trainable, total = trainer.model.get_nb_trainable_parameters()
         log(f"{trainable} trainable parameters of {total} ({100 * trainable / total:.3f}%), "
@@ -108,16 +179,21 @@ def main():
         with atomic_dir(p.paths.adapter) as out:
             trainer.model.save_pretrained(out)
 
-    tokens = trainer.state.num_input_tokens_seen or sum(map(len, train_set["input_ids"])) * trainer.state.epoch
+    state = trainer.state
+    tokens = state.num_input_tokens_seen or sum(map(len, train_set["input_ids"])) * state.epoch
+    planned = state.max_steps
     metrics = dict(
         trainable_parameters=trainable,
         trainable_fraction=round(trainable / total, 6),
-        train_loss=round(result.training_loss, 4),
+        mean_loss=round(result.training_loss, 4),  # over the whole run; evaluate.json has train_loss
         final_loss=round(history[-1], 4),
         steps=trainer.state.global_step,
         epochs=round(trainer.state.epoch, 3),
         seconds=round(seconds, 1),
         tokens_per_second=round(tokens / seconds, 1),
+        stopped_early=state.global_step < planned,
+        stopped_at_step=state.global_step,
+        best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
     )
     write_json(Path(p.paths.metrics) / "train.json", metrics)
     log(f"{metrics['steps']} steps in {seconds:.0f}s, loss {history[0]:.3f} -> {history[-1]:.3f}, "

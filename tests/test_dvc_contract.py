@@ -14,10 +14,13 @@ import yaml
 from qlora.params import PARAMS_FILE, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+DVC = DVC_YAML["stages"]
 PARAMS = yaml.safe_load((ROOT / PARAMS_FILE).read_text())
-# A module that loads a non-Python project file at run time, and that file.
-RUNTIME_LOADS = {"qlora/scoring.py": "qlora/evaluate_modules/accuracy"}
+# A module that loads non-Python project files at run time, and those files: every
+# `evaluate` module folder the scorer loads.
+RUNTIME_LOADS = {"qlora/scoring.py": {f"qlora/evaluate_modules/{m.name}"
+                                      for m in (ROOT / "qlora/evaluate_modules").iterdir() if m.is_dir()}}
 
 
 def project_imports(path, seen=None):
@@ -53,7 +56,7 @@ def test_params_declared_in_dvc_yaml_match_the_stage_module(stage):
 def test_code_deps_are_the_module_and_everything_it_imports(stage):
     own = f"stages/{stage}.py"
     code = {own} | project_imports(own)
-    code |= {RUNTIME_LOADS[m] for m in code if m in RUNTIME_LOADS}
+    code |= {f for m in code if m in RUNTIME_LOADS for f in RUNTIME_LOADS[m]}
     declared = {render(d) for d in DVC[stage]["deps"]}
     declared_code = {d for d in declared if d.startswith(("stages/", "qlora/"))}
     assert declared_code == code
@@ -72,3 +75,15 @@ def test_a_stage_cannot_read_an_undeclared_key():
         view.train.seed
     with pytest.raises(AttributeError, match="paths.base is read but not declared"):
         view.paths.base
+
+
+def test_plots_read_the_curves_the_train_stage_writes():
+    """Top-level plots name files (no templating there): they must be where dvclive writes."""
+    from stages import evaluate, train
+
+    live = f"{PARAMS['paths']['metrics']}/{train.LIVE_DIR}/"
+    train_outs = {render(next(iter(o)) if isinstance(o, dict) else o) for o in DVC["train"]["outs"]}
+    assert live.rstrip("/") in train_outs
+    files = {f for plot in DVC_YAML["plots"] for spec in plot.values() for f in spec["y"]}
+    assert files and all(f.startswith(live + "plots/metrics/") for f in files)
+    assert f"{PARAMS['paths']['metrics']}/{evaluate.VAL_CURVE}" in files, "the val curve plotted is the one scored"

@@ -1,0 +1,206 @@
+"""Offline plots and the experiment comparison report; no stage, run on demand.
+
+    python -m qlora.report plots [REV ...]   # dvc plots show/diff, rendered offline
+    python -m qlora.report compare [REV ...] # one page: experiments, changed params, metrics, curves
+
+`dvc plots show` writes HTML whose charting scripts load from a CDN, so the page is
+blank offline. `plots` hands DVC an HTML template with the chart library (vega,
+vega-lite, vega-embed, from the `vl-convert-python` wheel) inlined, so the page
+works with no network. `compare` reads `dvc exp show --json` and `dvc plots diff
+--json` (DVC overlays the curves) and writes reports/compare.md (with PNG charts)
+and reports/compare.html (self-contained, SVG charts).
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPORTS = Path("reports")
+# The metrics a comparison shows: (file, key, column title). Best run: lowest val loss.
+KEY_METRICS = [
+    ("metrics/evaluate.json", "val_loss", "val loss"),
+    ("metrics/evaluate.json", "gap", "gap"),
+    ("metrics/evaluate.json", "best_val_loss", "best val"),
+    ("metrics/evaluate.json", "best_val_step", "best step"),
+    ("metrics/evaluate.json", "val_loss_rise_pct", "rise %"),
+    ("metrics/evaluate.json", "overfitting", "overfitting"),
+    ("metrics/evaluate.json", "test_accuracy", "test acc"),
+    ("metrics/evaluate.json", "test_macro_f1", "macro F1"),
+    ("metrics/evaluate.json", "accuracy_gain", "acc vs base"),
+    ("metrics/train.json", "steps", "steps"),
+    ("metrics/train.json", "stopped_early", "stopped early"),
+    ("metrics/train.json", "tokens_per_second", "tokens/s"),
+]
+BEST_BY = ("metrics/evaluate.json", "val_loss")  # held-out, never the test split
+CURVES = ("Loss (train and val)", "Learning rate")
+
+
+def dvc(*args):
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed:\n{result.stderr.strip()}")
+    return result.stdout
+
+
+def offline_template():
+    """DVC's HTML page with the chart library inlined instead of loaded from a CDN; charts render as SVG."""
+    import vl_convert
+
+    return f"""<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+{{refresh_tag}}
+<title>QLoRA experiment plots</title>
+<script>{vl_convert.javascript_bundle()}</script>
+<script>
+  const embedWithCanvas = window.vegaEmbed;  // DVC calls vegaEmbed(el, spec): render SVG, readable offline and by tests
+  window.vegaEmbed = (el, spec, options) => embedWithCanvas(el, spec, {{renderer: "svg", actions: false, ...options}});
+</script>
+<style>body {{ font-family: sans-serif; }} table {{ border-spacing: 15px; }}</style>
+</head>
+<body>
+{{plot_divs}}
+</body>
+</html>
+"""
+
+
+def plots(revs, out):
+    """`dvc plots show` (no revs) or `dvc plots diff REVS`, written to OUT/index.html, viewable offline."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "template.html"
+        template.write_text(offline_template())
+        command = ["plots", "diff", *revs] if revs else ["plots", "show"]
+        dvc(*command, "--html-template", str(template), "-o", str(out))
+    return Path(out) / "index.html"
+
+
+def flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def experiment_rows(revs=None):
+    """One row per experiment (and its baseline commit): name, rev, flat params, metrics by file."""
+    rows = []
+    for baseline in json.loads(dvc("exp", "show", "--json", *(["--rev", *revs] if revs else []))):
+        if baseline["rev"] == "workspace":
+            continue
+        entries = [(baseline["name"] or baseline["rev"][:7], baseline)]
+        for exp in baseline.get("experiments") or []:
+            entries += [(exp.get("name") or r["rev"][:7], r) for r in exp["revs"][:1]]
+        for name, entry in entries:
+            data = entry.get("data") or {}
+            params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
+            metrics = {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()}
+            rows.append(dict(name=name, rev=entry["rev"], params=params, metrics=metrics,
+                             status=data.get("status") or "Success"))
+    return rows
+
+
+def changed_params(rows):
+    keys = sorted({k for r in rows for k in r["params"]})
+    return [k for k in keys if len({json.dumps(r["params"].get(k)) for r in rows}) > 1]
+
+
+def best_row(rows):
+    scored = [r for r in rows if isinstance(r["metrics"].get(BEST_BY[0], {}).get(BEST_BY[1]), (int, float))]
+    return min(scored, key=lambda r: r["metrics"][BEST_BY[0]][BEST_BY[1]]) if scored else None
+
+
+def table(rows, changed, best):
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return "" if value is None else str(value)
+
+    head = ["experiment", *changed, *(title for _, _, title in KEY_METRICS)]
+    body = [[("★ " if r is best else "") + r["name"], *(fmt(r["params"].get(k)) for k in changed),
+             *(fmt(r["metrics"].get(f, {}).get(k)) for f, k, _ in KEY_METRICS)] for r in rows]
+    return head, body
+
+
+def markdown_table(head, body):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def html_table(head, body):
+    from html import escape
+
+    cells = lambda row, tag: "".join(f"<{tag}>{escape(c)}</{tag}>" for c in row)  # noqa: E731
+    return ("<table><thead><tr>" + cells(head, "th") + "</tr></thead><tbody>"
+            + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in body) + "</tbody></table>")
+
+
+def curve_specs(rows):
+    """DVC's own overlay of the curves across the experiments, as vega-lite specs with their data."""
+    revs = [r["name"] for r in rows if r["status"] == "Success"]  # experiment and branch names are revisions
+    found = json.loads(dvc("plots", "diff", *revs, "--json")).get("data", {})
+    specs = {}
+    for title in CURVES:
+        for plot in found.get(title, []):
+            specs[title] = dict(plot["content"], width=520, height=300)
+    return specs
+
+
+def compare(revs, out):
+    import vl_convert
+
+    rows = experiment_rows(revs)
+    if not rows:
+        raise SystemExit("compare: no experiments found; run `dvc exp run` first")
+    changed = changed_params(rows)
+    best = best_row(rows)
+    head, body = table(rows, changed, best)
+    specs = curve_specs(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    summary = (f"{len(rows)} runs. Changed params: {', '.join(changed) or 'none'}. "
+               + (f"★ best: {best['name']} (lowest {BEST_BY[1]} = {best['metrics'][BEST_BY[0]][BEST_BY[1]]}, "
+                  "the held-out split; test is reported, never used to choose)." if best else "No run has metrics yet."))
+    md = ["# Experiment comparison", "", summary, "", markdown_table(head, body), ""]
+    html = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Experiment comparison</title>",
+            "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:right} "
+            "th{border-bottom:1px solid #999}</style></head><body>",
+            "<h1>Experiment comparison</h1>", f"<p>{summary}</p>", html_table(head, body)]
+    for title, spec in specs.items():
+        image = out / f"compare-{title.split()[0].lower()}.png"
+        image.write_bytes(vl_convert.vegalite_to_png(spec, scale=2))
+        md += [f"## {title}", "", f"![{title}]({image.name})", ""]
+        html += [f"<h2>{title}</h2>", vl_convert.vegalite_to_svg(spec)]
+    html.append("</body></html>")
+    (out / "compare.md").write_text("\n".join(md))
+    (out / "compare.html").write_text("\n".join(html))
+    return out / "compare.html"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m qlora.report", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["plots", "compare"])
+    parser.add_argument("revs", nargs="*", help="plots: revisions or experiment names to overlay; "
+                                                "compare: baseline commits whose experiments to compare")
+    parser.add_argument("-o", "--out", default=None, help="output folder (default reports/plots or reports)")
+    args = parser.parse_args(argv)
+    if args.command == "plots":
+        page = plots(args.revs, args.out or REPORTS / "plots")
+    else:
+        page = compare(args.revs, args.out or REPORTS)
+    print(page)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
