@@ -77,7 +77,7 @@ def predictions_markdown(rows, metrics, count):
         "|---|---|---|---|",
     ]
     for r in rows[:count]:
-        mark = lambda label, answer: f"{'✓ ' if label == r['expected'] else ''}{cell(answer, 40)}"  # noqa: E731
+        mark = lambda label, answer: f"{'✓ ' if label == r['expected'] else ''}{cell(answer, 60)}"  # noqa: E731
         lines.append(f"| {cell(r['input'])} | {r['expected']} | {mark(r['base_label'], r['base_answer'])} "
                      f"| {mark(r['label'], r['answer'])} |")
     return "\n".join(lines) + "\n"

@@ -90,12 +90,15 @@ def tokens_per_second_callback():
     class TokensPerSecond(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.tokens, self.seconds, self.started = state.num_input_tokens_seen, 0.0, None
+            self.training_seconds = 0.0  # the whole run, evaluations excluded
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.seconds += time.perf_counter() - self.started
+            elapsed = time.perf_counter() - self.started
+            self.seconds += elapsed
+            self.training_seconds += elapsed
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is None or "loss" not in logs or not self.seconds:
@@ -150,7 +153,8 @@ def main():
     # The quantize stage stored the model in quantize.compute_dtype; autocast to the same.
     bf16 = model.config.dtype == torch.bfloat16
     fp16 = model.config.dtype == torch.float16 and torch.cuda.is_available()  # no fp16 autocast on CPU
-    callbacks = [tokens_per_second_callback(), live_callback(Path(p.paths.metrics) / LIVE_DIR)]
+    throughput = tokens_per_second_callback()
+    callbacks = [throughput, live_callback(Path(p.paths.metrics) / LIVE_DIR)]
     if p.train.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
@@ -189,14 +193,15 @@ def main():
         final_loss=round(history[-1], 4),
         steps=trainer.state.global_step,
         epochs=round(trainer.state.epoch, 3),
-        seconds=round(seconds, 1),
-        tokens_per_second=round(tokens / seconds, 1),
+        seconds=round(seconds, 1),  # wall time of training, evaluations included
+        tokens_per_second=round(tokens / throughput.training_seconds, 1),  # non-padding, evaluations excluded
         stopped_early=state.global_step < planned,
         stopped_at_step=state.global_step,
         best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
     )
     write_json(Path(p.paths.metrics) / "train.json", metrics)
-    log(f"{metrics['steps']} steps in {seconds:.0f}s, loss {history[0]:.3f} -> {history[-1]:.3f}, "
+    log(f"{metrics['steps']} steps in {seconds:.0f}s ({throughput.training_seconds:.0f}s training), "
+        f"loss {history[0]:.3f} -> {history[-1]:.3f}, "
         f"{metrics['tokens_per_second']} tokens/s")
 
 

@@ -1,0 +1,92 @@
+"""Comparing experiments: a queued sweep, the comparison report, and plots that render offline
+in headless Chromium. Real DVC in a temporary git repo, tiny model."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def exp_rows(project):
+    """{name: (params.yaml data, evaluate.json data)} for every experiment in `dvc exp show`."""
+    rows = {}
+    for baseline in json.loads(run(["dvc", "exp", "show", "--json"], project).stdout):
+        for exp in baseline.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            rows[exp["name"]] = (data["params"]["params.yaml"]["data"],
+                                 (data["metrics"] or {}).get("metrics/evaluate.json", {}).get("data"))
+    return rows
+
+
+def test_queued_grid_runs_every_point_with_its_own_metrics(tiny_project):
+    p = tiny_project
+    run(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,8", "-S", "train.learning_rate=1e-3,2e-3"], p)
+    run(["dvc", "queue", "start", "-j", "1"], p)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], p).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    rows = exp_rows(p)
+    grid = {(params["lora"]["r"], float(params["train"]["learning_rate"])) for params, _ in rows.values()}
+    assert grid == {(4, 1e-3), (4, 2e-3), (8, 1e-3), (8, 2e-3)}
+    assert all(m and "val_loss" in m and "test_accuracy" in m for _, m in rows.values())
+    assert len({m["val_loss"] for _, m in rows.values()}) > 1, "each grid point has its own result"
+
+
+def chromium_dom(page, tmp_path):
+    """The page's DOM after its scripts ran, in headless Chromium with no network."""
+    if not CHROMIUM:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom",
+         page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_compare_report_and_offline_plots(tiny_project, tmp_path):
+    p = tiny_project
+    for name, r in (("small", 2), ("large", 16)):
+        run(["dvc", "exp", "run", "-n", name, "-S", f"lora.r={r}"], p)
+    python = [sys.executable, "-m", "qlora.report"]
+
+    run([*python, "compare"], p)
+    report = (p / "reports/compare.md").read_text()
+    rows = exp_rows(p)
+    best = min(rows, key=lambda name: rows[name][1]["val_loss"])
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| experiment | lora.r | val loss |"), "changed params, then metrics"
+    assert len(table) == 1 + 3, "the baseline and both experiments"
+    assert [line for line in table if "★" in line] == [next(line for line in table if f" {best} |" in line)]
+    for image in ("compare-loss.png", "compare-learning.png"):
+        assert (p / "reports" / image).stat().st_size > 10_000
+    assert "<svg" in (p / "reports/compare.html").read_text()
+
+    run([*python, "plots", "small", "large"], p)
+    page = p / "reports/plots/index.html"
+    html = page.read_text()
+    assert not re.search(r"<script[^>]+src=", html), "no script is loaded from elsewhere (a CDN)"
+    dom = chromium_dom(page, tmp_path)
+    charts = re.findall(r'<svg[^>]*class="marks"', dom)
+    assert len(charts) >= 5, f"{len(charts)} charts rendered"  # 4 curves and the confusion matrix
+    lines = re.findall(r'class="mark-line role-mark[^"]*"[^>]*>(.*?)</g>', dom, flags=re.S)
+    drawn = [d for d in re.findall(r'<path[^>]*d="(M[^"]+)"', "".join(lines)) if d.count("L") >= 1]
+    assert len(drawn) >= 2 * 4, "every curve of both experiments is drawn"
+    assert ">small<" in dom and ">large<" in dom, "the legend names the experiments"
