@@ -118,7 +118,9 @@ def main():
         macro_f1_gain=round(task["macro_f1"] - base_metrics["test_macro_f1"], 4),
         base_test_loss=base_metrics["test_loss"],
     )
-    rows = [dict(input=i, expected=x, base_answer=b["answer"], base_label=b["label"], answer=a, label=y)
+    classes = set(test["completion"])
+    named = lambda label: label if label in classes else "(no label)"  # noqa: E731  keeps the confusion matrix square
+    rows = [dict(input=i, expected=x, base_answer=b["answer"], base_label=named(b["label"]), answer=a, label=named(y))
             for i, x, b, a, y in zip(shown_inputs(test["prompt"]), test["completion"], base_answers, answers, labels)]
     write_json(metrics_dir / "predictions.json", rows)
     (metrics_dir / "predictions.md").write_text(predictions_markdown(rows, metrics, e.samples))

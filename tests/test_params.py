@@ -1,5 +1,6 @@
 """params.yaml is validated before any heavy work; errors name the file, key and value."""
 
+import re
 import shutil
 
 import pytest
@@ -57,7 +58,9 @@ def test_missing_key_is_refused(params_file):
 
 def test_exponent_without_dot_is_a_number(params_file):
     # `dvc exp run -S train.learning_rate=1e-4` writes 1e-4, which PyYAML reads as a string.
-    params_file.write_text(params_file.read_text().replace("learning_rate: 2.0e-4", "learning_rate: 1e-4"))
+    text = re.sub(r"learning_rate: \S+", "learning_rate: 1e-4", params_file.read_text())
+    assert "learning_rate: 1e-4" in text
+    params_file.write_text(text)
     assert parse_params(params_file).train.learning_rate == 1e-4
 
 
