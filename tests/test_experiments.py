@@ -16,14 +16,20 @@ from conftest import run
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def exp_rows(project):
-    """{name: (params.yaml data, evaluate.json data)} for every experiment in `dvc exp show`."""
+def exp_rows(project, baseline_commits=False):
+    """{name: (params.yaml data, evaluate.json data)} for every experiment in `dvc exp show`,
+    and for the commits they are based on when `baseline_commits`."""
     rows = {}
+
+    def add(name, data):
+        rows[name] = (data["params"]["params.yaml"]["data"],
+                      (data["metrics"] or {}).get("metrics/evaluate.json", {}).get("data"))
+
     for baseline in json.loads(run(["dvc", "exp", "show", "--json"], project).stdout):
+        if baseline_commits and baseline["rev"] != "workspace":
+            add(baseline["name"] or baseline["rev"][:7], baseline["data"])
         for exp in baseline.get("experiments") or []:
-            data = exp["revs"][0]["data"]
-            rows[exp["name"]] = (data["params"]["params.yaml"]["data"],
-                                 (data["metrics"] or {}).get("metrics/evaluate.json", {}).get("data"))
+            add(exp["name"], exp["revs"][0]["data"])
     return rows
 
 
@@ -69,7 +75,7 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
 
     run([*python, "compare"], p)
     report = (p / "reports/compare.md").read_text()
-    rows = exp_rows(p)
+    rows = exp_rows(p, baseline_commits=True)
     best = min(rows, key=lambda name: rows[name][1]["val_loss"])
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| experiment | lora.r | val loss |"), "changed params, then metrics"

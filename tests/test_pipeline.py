@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import yaml
 from safetensors import safe_open
 
 from conftest import repro, run, set_params
@@ -37,9 +38,10 @@ def test_stage_skip_matrix(tiny_project):
     p = tiny_project
     # One token shorter than the longest example: its output changes, no split empties.
     shorter = json.loads((p / "metrics/tokenize.json").read_text())["max_tokens"] - 1
+    learning_rate = yaml.safe_load((p / "params.yaml").read_text())["train"]["learning_rate"]
     cases = [
         ({"lora.r": 4}, {"train", "evaluate"}),
-        ({"train.learning_rate": 1.0e-3}, {"train", "evaluate"}),
+        ({"train.learning_rate": learning_rate / 2}, {"train", "evaluate"}),
         ({"quantize.quant_type": "fp4"}, {"quantize", "train", "evaluate_base", "evaluate"}),
         ({"tokenize.max_length": shorter}, {"tokenize", "train", "evaluate_base", "evaluate"}),
         ({"data.seed": 7}, {"prepare", "tokenize", "train", "evaluate_base", "evaluate"}),
