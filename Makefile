@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: repro test install clean exps plots compare
+.PHONY: repro test install clean exps plots compare s3-server
 
 # `dvc exp show` narrowed to what answers "which run generalised best": changed params and
 # metrics only (no dependency hashes, no perplexities), lowest val loss first.
@@ -34,6 +34,11 @@ plots: $(VENV)/.installed
 # One page comparing every experiment of the current commit: reports/compare.{md,html}.
 compare: $(VENV)/.installed
 	python -m qlora.report compare $(REVS)
+
+# A real S3 server (SeaweedFS) on 127.0.0.1, data in .s3/, as this project's default DVC
+# remote (in .dvc/config.local); runs until Ctrl-C. Then: dvc push, dvc pull.
+s3-server: $(VENV)/.installed-dev
+	python -m qlora.s3server .s3 --configure-dvc
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)

@@ -31,6 +31,7 @@ class Paths:
     tokenizer: str
     quantized: str
     adapter: str
+    export: str
     metrics: str
 
 
@@ -110,6 +111,12 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Export:
+    dtype: str
+    check_examples: int
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths
     data: Data
@@ -119,6 +126,7 @@ class Params:
     lora: Lora
     train: Train
     evaluate: Evaluate
+    export: Export
 
 
 SOURCES = ("bundled", "local", "hub")
@@ -272,6 +280,9 @@ def _check(p, path):
     require(e.max_new_tokens > 0, "evaluate.max_new_tokens", e.max_new_tokens, "a positive integer")
     require(e.overfitting_rise_pct >= 0, "evaluate.overfitting_rise_pct", e.overfitting_rise_pct, ">= 0")
     require(e.samples >= 0, "evaluate.samples", e.samples, "0 or a positive integer")
+
+    one_of("export.dtype", p.export.dtype, COMPUTE_DTYPES)
+    require(p.export.check_examples > 0, "export.check_examples", p.export.check_examples, "a positive integer")
 
 
 class _DeclaredView:

@@ -75,6 +75,7 @@ def make_project(dest, overrides):
     run(["git", "config", "user.email", "test@example.com"], dest)
     run(["git", "config", "user.name", "test"], dest)
     run(["dvc", "init", "-q"], dest)
+    shutil.copy(ROOT / ".dvc/config", dest / ".dvc/config")  # the shipped settings (cache link type)
     run(["dvc", "config", "core.analytics", "false"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "init"], dest)

@@ -36,6 +36,8 @@ def test_the_shipped_params_are_valid():
     ("lora.target_modules", [], "lora.target_modules must be a non-empty list"),
     ("data.test_fraction", 0.9, "data.test_fraction must be small enough to leave training data"),
     ("base.source", "s3", "base.source must be one of bundled, local, hub, got 's3'"),
+    ("export.dtype", "int8", "export.dtype must be one of bfloat16, float16, float32, got 'int8'"),
+    ("export.check_examples", 0, "export.check_examples must be a positive integer, got 0"),
 ])
 def test_bad_value_names_file_key_and_value(params_file, key, value, message):
     set_params(params_file, {key: value})

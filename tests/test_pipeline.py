@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import repro, run, set_params
 
-ALL = {"base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate"}
+ALL = {"base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate", "export"}
 
 
 def test_reproduced_pipeline_writes_every_output(reproduced_project):
@@ -40,11 +40,12 @@ def test_stage_skip_matrix(tiny_project):
     shorter = json.loads((p / "metrics/tokenize.json").read_text())["max_tokens"] - 1
     learning_rate = yaml.safe_load((p / "params.yaml").read_text())["train"]["learning_rate"]
     cases = [
-        ({"lora.r": 4}, {"train", "evaluate"}),
-        ({"train.learning_rate": learning_rate / 2}, {"train", "evaluate"}),
-        ({"quantize.quant_type": "fp4"}, {"quantize", "train", "evaluate_base", "evaluate"}),
-        ({"tokenize.max_length": shorter}, {"tokenize", "train", "evaluate_base", "evaluate"}),
-        ({"data.seed": 7}, {"prepare", "tokenize", "train", "evaluate_base", "evaluate"}),
+        ({"lora.r": 4}, {"train", "evaluate", "export"}),
+        ({"train.learning_rate": learning_rate / 2}, {"train", "evaluate", "export"}),
+        ({"quantize.quant_type": "fp4"}, {"quantize", "train", "evaluate_base", "evaluate", "export"}),
+        ({"tokenize.max_length": shorter}, {"tokenize", "train", "evaluate_base", "evaluate", "export"}),
+        ({"data.seed": 7}, {"prepare", "tokenize", "train", "evaluate_base", "evaluate", "export"}),
+        ({"export.dtype": "float32"}, {"export"}),
     ]
     for change, expected in cases:
         set_params(p / "params.yaml", change)
@@ -57,7 +58,7 @@ def test_stage_skip_matrix(tiny_project):
 def test_exp_run_set_param_reruns_train_only(tiny_project):
     p = tiny_project
     out = run(["dvc", "exp", "run", "-S", "lora.r=16"], p)
-    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"train", "evaluate"}
+    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"train", "evaluate", "export"}
     table = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
     shown = json.dumps(table)
     assert '"r": 16' in shown and "test_accuracy" in shown
@@ -91,7 +92,9 @@ def test_each_quantization_trains_an_adapter(tiny_project, change):
     # little; the real default test checks the 4-bit footprint against bf16.
     p = tiny_project
     set_params(p / "params.yaml", change)
-    assert repro(p) == {"quantize", "train", "evaluate_base", "evaluate"}
+    assert repro(p) == {"quantize", "train", "evaluate_base", "evaluate", "export"}
     quantize = json.loads((p / "metrics/quantize.json").read_text())
     assert quantize["bits"] == change.get("quantize.bits", 4)
     assert json.loads((p / "metrics/train.json").read_text())["steps"] == 3
+    export = json.loads((p / "metrics/export.json").read_text())
+    assert export["merge_max_abs_diff"] < 1e-4 and export["argmax_agreement"] >= 0.95, "each base dequantizes and merges"
