@@ -139,9 +139,13 @@ def main():
     if args.configure_dvc:
         server.configure_dvc(".", local=True)
         print("DVC default remote 'storage' -> s3://dvc/qlora, all of it in .dvc/config.local")
+    # Ctrl-C or a plain `kill` stops the server with this command, not leaving it behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.process.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
         server.stop()
 
 
