@@ -32,6 +32,7 @@ class Paths:
     quantized: str
     adapter: str
     export: str
+    checkpoints: str
     metrics: str
 
 
@@ -45,6 +46,7 @@ class Data:
     prompt_template: str | None
     labels: list[str]
     max_per_label: int | None
+    bad_rows: str
     val_fraction: float
     test_fraction: float
     seed: int
@@ -99,6 +101,7 @@ class Train:
     eval_steps: int
     early_stopping_patience: int
     early_stopping_min_delta: float
+    checkpoint_steps: int
     seed: int
 
 
@@ -229,6 +232,7 @@ def _check(p, path):
             "set (or data.prompt_template or data.messages_field)")
     require(d.completion_field or d.messages_field, "data.completion_field", d.completion_field,
             "set (or data.messages_field)")
+    one_of("data.bad_rows", d.bad_rows, ("error", "drop"))
     require(d.max_per_label is None or d.max_per_label > 0, "data.max_per_label", d.max_per_label, "a positive integer or null")
     require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
     require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "between 0 and 1")
@@ -274,6 +278,11 @@ def _check(p, path):
     require(t.early_stopping_patience >= 0, "train.early_stopping_patience", t.early_stopping_patience,
             "0 (off) or a positive integer")
     require(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", t.early_stopping_min_delta, ">= 0")
+    require(t.checkpoint_steps >= 0, "train.checkpoint_steps", t.checkpoint_steps, "0 (off) or a positive integer")
+    if t.early_stopping_patience and t.checkpoint_steps:
+        # The best adapter is kept from a checkpoint taken at an evaluation.
+        require(t.checkpoint_steps % t.eval_steps == 0, "train.checkpoint_steps", t.checkpoint_steps,
+                f"a multiple of train.eval_steps ({t.eval_steps}) when early stopping is on")
 
     e = p.evaluate
     require(e.batch_size > 0, "evaluate.batch_size", e.batch_size, "a positive integer")

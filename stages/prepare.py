@@ -23,6 +23,35 @@ class DataError(SystemExit):
     """Bad raw data: the stage exits non-zero with a message naming the file and field."""
 
 
+class Bad(str):
+    """A raw row that cannot be used, as the reason with its place in the file."""
+
+
+def read_jsonl(path):
+    """Rows of a JSON Lines file, one per line; a line that is not a JSON object is a Bad row."""
+    import gzip
+
+    rows = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    rows.append(Bad(f"{path} line {number}: not valid JSON ({err.msg})"))
+                    continue
+                rows.append(row if isinstance(row, dict) else Bad(f"{path} line {number}: not a JSON object"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: cannot be read as jsonl: not UTF-8 text ({err.reason} at byte {err.start}); "
+                        "is it really JSON Lines?") from None
+    if rows and all(isinstance(r, Bad) for r in rows):
+        raise DataError(f"{path}: cannot be read as jsonl: no line is a JSON object ({rows[0]})")
+    return rows
+
+
 def read_raw(path):
     import pandas as pd
 
@@ -34,8 +63,13 @@ def read_raw(path):
     suffixes = [s for s in path.suffixes if s != ".gz"]
     kind = suffixes[-1] if suffixes else ""
     try:
-        if kind in (".jsonl", ".json"):
-            frame = pd.read_json(path, lines=kind == ".jsonl")
+        if kind == ".jsonl":
+            rows = read_jsonl(path)
+            if not rows:
+                raise DataError(f"{path}: no rows")
+            return rows
+        if kind == ".json":
+            frame = pd.read_json(path)
         elif kind == ".csv":
             frame = pd.read_csv(path, keep_default_na=False)
         elif kind == ".parquet":
@@ -49,6 +83,14 @@ def read_raw(path):
     if frame.empty:
         raise DataError(f"{path}: no rows")
     return frame.to_dict("records")
+
+
+def bad_field(row, d):
+    """Why a row's text fields cannot be used (a list or mapping where text belongs), or None."""
+    for field in (d.prompt_field, d.completion_field):
+        if field and field in row and isinstance(row[field], (list, dict)):
+            return f"field {field!r} is a {type(row[field]).__name__}, not text"
+    return None
 
 
 def read_hub(hub_id, split):
@@ -85,10 +127,33 @@ def check_fields(rows, d, source):
 
 
 def build_examples(rows, d, source):
-    """Examples as dicts with `messages` (prompt turns) and `completion`, with counts of what was dropped."""
+    """Examples as dicts with `messages` (prompt turns) and `completion`, with counts of what was dropped.
+
+    Malformed rows (not JSON, not an object, missing a field, a list where text belongs) stop the
+    stage with their line numbers when `data.bad_rows` is `error`; with `drop` they are dropped,
+    counted, and the first few are listed in the log."""
+    bad = []
+    for i, row in enumerate(rows, start=1):
+        if isinstance(row, Bad):
+            bad.append(row)
+            continue
+        where = f"{source} row {i}"
+        missing = [f for f in (d.messages_field, d.prompt_field, d.completion_field) if f and f not in row]
+        reason = f"missing field {missing[0]!r}" if missing else bad_field(row, d)
+        if reason:
+            bad.append(Bad(f"{where}: {reason}"))
+            rows[i - 1] = bad[-1]
+    if bad and d.bad_rows == "error":
+        raise DataError(f"{source}: {len(bad)} malformed rows (params.yaml data.bad_rows: error; set drop to skip "
+                        f"them): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    rows = [r for r in rows if not isinstance(r, Bad)]
+    if not rows:
+        raise DataError(f"{source}: every row is malformed: " + "; ".join(bad[:5]))
+    if bad:
+        log(f"dropped {len(bad)} malformed rows: " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
     check_fields(rows, d, source)
     labels = set(d.labels)
-    examples, seen, dropped = [], set(), Counter()
+    examples, seen, dropped = [], set(), Counter(malformed=len(bad))
     for i, row in enumerate(rows, start=1):
         messages, completion = to_example(row, d, f"{source} row {i}")
         if not completion or not messages[-1]["content"]:
@@ -158,6 +223,7 @@ def main():
     metrics = {
         "raw_rows": len(rows),
         **{f"{name}_examples": len(split) for name, split in splits.items()},
+        "dropped_malformed": dropped["malformed"],
         "dropped_empty": dropped["empty"],
         "dropped_duplicate": dropped["duplicate"],
         "dropped_other_label": dropped["other_label"],

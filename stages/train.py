@@ -9,20 +9,29 @@ curves (train and val loss, learning rate, grad norm, tokens/s) go through dvcli
 into `metrics/live`, at the trainer's optimizer step so that train and val share an
 x axis. With `train.early_stopping_patience` set, training stops when the val loss
 stops improving and the saved adapter is the best one, not the last.
+
+With `train.checkpoint_steps` set, a resumable checkpoint is saved every that many
+steps under `paths.checkpoints/<run fingerprint>` (qlora/checkpoints.py); a killed
+run, rerun with the same params and data, resumes from the newest complete one, curves
+included, and the folder is removed once the adapter is written. A non-finite loss
+stops training at once with a non-zero exit; nothing is written as if it succeeded.
 """
 
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from qlora.checkpoints import fingerprint, live_snapshot_callback, newest_complete, restore_live, step_of
 from qlora.models import is_quantized, keep_4bit_weights_trainable, load_model, module_names
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
 from qlora.splits import load_split
 
 LIVE_DIR = "live"  # under paths.metrics: dvclive's curves, declared as plots in dvc.yaml
-PARAMS = ["lora", "train", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter", "paths.metrics"]
+PARAMS = ["lora", "train", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
+          "paths.checkpoints", "paths.metrics"]
 
 
 def lora_config(lo):
@@ -38,11 +47,12 @@ def lora_config(lo):
     )
 
 
-def sft_config(t, output_dir, bf16, fp16):
+def sft_config(t, output_dir, bf16, fp16, resuming=False):
     import torch
     from trl import SFTConfig
 
     early_stopping = t.early_stopping_patience > 0
+    checkpoints = t.checkpoint_steps > 0
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
@@ -59,13 +69,17 @@ def sft_config(t, output_dir, bf16, fp16):
         logging_steps=t.logging_steps,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
-        eval_on_start=True,  # the val curve starts at the untrained adapter (the base model)
+        # The val curve starts at the untrained adapter (the base model). Not again on a resume: that
+        # point is already on the restored curve, and the extra pass would shift the RNG stream.
+        eval_on_start=not resuming,
         per_device_eval_batch_size=t.batch_size,
-        # Early stopping keeps the best adapter: checkpoints (the adapter only) at each evaluation.
-        save_strategy="steps" if early_stopping else "no",
-        save_steps=t.eval_steps,
-        save_total_limit=1,
-        save_only_model=True,
+        # Resumable checkpoints (full state) every checkpoint_steps; without them, early stopping
+        # still needs the adapter at each evaluation to keep the best one.
+        save_strategy="steps" if checkpoints or early_stopping else "no",
+        save_steps=t.checkpoint_steps if checkpoints else t.eval_steps,
+        save_total_limit=2 if early_stopping else 1,  # the newest, and the best when it is another
+        save_only_model=not checkpoints,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be averaged away
         load_best_model_at_end=early_stopping,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
@@ -90,10 +104,14 @@ def tokens_per_second_callback():
     class TokensPerSecond(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.tokens, self.seconds, self.started = state.num_input_tokens_seen, 0.0, None
-            self.training_seconds = 0.0  # the whole run, evaluations excluded
+            self.training_seconds = 0.0  # this process's part of the run, evaluations excluded
+            self.first_step = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
+            if self.first_step is None:  # after a resume, the Trainer has restored its state by now
+                self.first_step, self.start_tokens = state.global_step, state.num_input_tokens_seen
+                self.tokens = state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = time.perf_counter() - self.started
@@ -109,7 +127,35 @@ def tokens_per_second_callback():
     return TokensPerSecond()
 
 
-def live_callback(folder):
+def mean_logged_loss(log_history):
+    """The train loss averaged over every optimizer step of the run, from the logged windows
+    (the Trainer's own `training_loss` covers only this process's steps after a resume)."""
+    total = previous = 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / previous
+
+
+def finite_loss_callback():
+    """Stops the run at the first logged non-finite loss or grad norm (the stock Trainer goes on)."""
+    from transformers import TrainerCallback
+
+    class FiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm", "eval_loss")
+                   and isinstance(v, float) and not math.isfinite(v)}
+            if bad:
+                raise FloatingPointError(
+                    f"train: {', '.join(f'{k} = {v}' for k, v in bad.items())} at step {state.global_step}; "
+                    "training stopped, no adapter or metrics written. Lower train.learning_rate, "
+                    "keep train.max_grad_norm set, or check the data.")
+
+    return FiniteLoss()
+
+
+def live_callback(folder, resume=False):
     """dvclive's Trainer callback, logging at the optimizer step; it never writes dvc.yaml."""
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
@@ -125,7 +171,7 @@ def live_callback(folder):
                     if k not in ("epoch", "train_runtime", "train_tokens_per_second")}
             super().on_log(args, state, control, logs=logs, **kwargs)
 
-    live = Live(str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+    live = Live(str(folder), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
     return StepAligned(live=live)
 
 
@@ -153,8 +199,16 @@ def main():
     # The quantize stage stored the model in quantize.compute_dtype; autocast to the same.
     bf16 = model.config.dtype == torch.bfloat16
     fp16 = model.config.dtype == torch.float16 and torch.cuda.is_available()  # no fp16 autocast on CPU
+    live_dir = Path(p.paths.metrics) / LIVE_DIR
+    run_dir = Path(p.paths.checkpoints) / fingerprint(p) if p.train.checkpoint_steps else None
+    resume = newest_complete(run_dir) if run_dir else None
+    if resume:
+        restore_live(resume, live_dir)
+        log(f"resuming from {resume} (step {step_of(resume)} of a run with the same params and data)")
     throughput = tokens_per_second_callback()
-    callbacks = [throughput, live_callback(Path(p.paths.metrics) / LIVE_DIR)]
+    callbacks = [finite_loss_callback(), throughput, live_callback(live_dir, resume=bool(resume))]
+    if run_dir:
+        callbacks.append(live_snapshot_callback(live_dir))
     if p.train.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
@@ -162,7 +216,7 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(p.train, scratch, bf16, fp16),
+            args=sft_config(p.train, str(run_dir or scratch), bf16, fp16, resuming=bool(resume)),
             train_dataset=train_set,
             eval_dataset=val_set,
             processing_class=tokenizer,
@@ -173,7 +227,17 @@ def main():
         log(f"{trainable} trainable parameters of {total} ({100 * trainable / total:.3f}%), "
             f"{len(train_set)} examples")
         start = time.perf_counter()
-        result = trainer.train()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+                raise
+            raise SystemExit(
+                f"train: out of memory ({str(err).splitlines()[0][:200]}). Levers, in params.yaml: lower "
+                f"train.batch_size ({p.train.batch_size}) and raise train.gradient_accumulation_steps "
+                f"({p.train.gradient_accumulation_steps}) to keep the effective batch; lower tokenize.max_length; "
+                f"set train.gradient_checkpointing: true ({p.train.gradient_checkpointing}); 4-bit "
+                f"quantize.bits. Checkpoints so far are kept: the rerun resumes.") from None
         seconds = time.perf_counter() - start
         history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if not history or not all(math.isfinite(x) for x in history):
@@ -182,22 +246,25 @@ def main():
 
         with atomic_dir(p.paths.adapter) as out:
             trainer.model.save_pretrained(out)
+    if run_dir and run_dir.exists():
+        shutil.rmtree(run_dir)  # the adapter is written: DVC keeps it from here
 
     state = trainer.state
-    tokens = state.num_input_tokens_seen or sum(map(len, train_set["input_ids"])) * state.epoch
+    tokens = state.num_input_tokens_seen - throughput.start_tokens
     planned = state.max_steps
     metrics = dict(
         trainable_parameters=trainable,
         trainable_fraction=round(trainable / total, 6),
-        mean_loss=round(result.training_loss, 4),  # over the whole run; evaluate.json has train_loss
+        mean_loss=round(mean_logged_loss(trainer.state.log_history), 4),  # the whole run; evaluate.json has train_loss
         final_loss=round(history[-1], 4),
         steps=trainer.state.global_step,
         epochs=round(trainer.state.epoch, 3),
-        seconds=round(seconds, 1),  # wall time of training, evaluations included
+        seconds=round(seconds, 1),  # wall time of training in this process, evaluations included
         tokens_per_second=round(tokens / throughput.training_seconds, 1),  # non-padding, evaluations excluded
         stopped_early=state.global_step < planned,
         stopped_at_step=state.global_step,
         best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
+        resumed_from_step=step_of(resume) if resume else 0,
     )
     write_json(Path(p.paths.metrics) / "train.json", metrics)
     log(f"{metrics['steps']} steps in {seconds:.0f}s ({throughput.training_seconds:.0f}s training), "

@@ -118,3 +118,43 @@ def test_tokenize_masks_the_prompt_and_counts_truncation(workdir, tokenizer_dir)
     metrics = json.loads((workdir / "metrics/tokenize.json").read_text())
     assert metrics["truncated"] > 0 and metrics["truncated"] + metrics["dropped_prompt_too_long"] == 40
     assert max(map(len, load_split("data/tokenized", "train")["input_ids"])) == ex["prompt_length"] + 1
+
+
+def write_with_bad_lines(path):
+    write_rows(path)
+    lines = path.read_text().splitlines()
+    lines[2] = '{"question": "broken", "answer": '              # line 3: cut off
+    lines[4] = '["question", "a"]'                             # line 5: not an object
+    lines[5] = '{"question": "no answer here"}'                # line 6: missing field
+    lines[6] = '{"question": ["a", "list"], "answer": "a"}'    # line 7: a list where text belongs
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_malformed_rows_stop_prepare_with_their_line_numbers(workdir):
+    write_with_bad_lines(workdir / "own.jsonl")
+    use_file(workdir, "own.jsonl")
+    with pytest.raises(SystemExit) as err:
+        prepare()
+    message = str(err.value)
+    assert "own.jsonl: 4 malformed rows" in message and "data.bad_rows" in message
+    for expected in ("line 3: not valid JSON", "line 5: not a JSON object", "missing field 'answer'",
+                     "field 'question' is a list, not text"):
+        assert expected in message
+    assert not (workdir / "data/prepared").exists()
+
+
+def test_malformed_rows_are_dropped_and_counted_when_params_say_so(workdir):
+    write_with_bad_lines(workdir / "own.jsonl")
+    use_file(workdir, "own.jsonl", bad_rows="drop")
+    splits = prepare()
+    metrics = json.loads((workdir / "metrics/prepare.json").read_text())
+    assert metrics["dropped_malformed"] == 4 and metrics["raw_rows"] == 40
+    assert sum(len(s.splitlines()) for s in splits.values()) == 36
+
+
+def test_a_file_that_is_not_what_its_extension_says(workdir):
+    write_rows(workdir / "own.parquet")
+    (workdir / "own.parquet").rename(workdir / "own.jsonl")
+    use_file(workdir, "own.jsonl")
+    with pytest.raises(SystemExit, match=r"own.jsonl: cannot be read as jsonl"):
+        prepare()
