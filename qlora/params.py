@@ -279,10 +279,6 @@ def _check(p, path):
             "0 (off) or a positive integer")
     require(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", t.early_stopping_min_delta, ">= 0")
     require(t.checkpoint_steps >= 0, "train.checkpoint_steps", t.checkpoint_steps, "0 (off) or a positive integer")
-    if t.early_stopping_patience and t.checkpoint_steps:
-        # The best adapter is kept from a checkpoint taken at an evaluation.
-        require(t.checkpoint_steps % t.eval_steps == 0, "train.checkpoint_steps", t.checkpoint_steps,
-                f"a multiple of train.eval_steps ({t.eval_steps}) when early stopping is on")
 
     e = p.evaluate
     require(e.batch_size > 0, "evaluate.batch_size", e.batch_size, "a positive integer")

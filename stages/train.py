@@ -47,6 +47,15 @@ def lora_config(lo):
     )
 
 
+def save_steps(t):
+    """Steps between checkpoints. With early stopping the best adapter must be the one of the best
+    evaluation, and the Trainer keeps it only if a checkpoint was taken there: one at every
+    evaluation, then, whatever checkpoint_steps says."""
+    if t.early_stopping_patience or not t.checkpoint_steps:
+        return t.eval_steps
+    return t.checkpoint_steps
+
+
 def sft_config(t, output_dir, bf16, fp16, resuming=False):
     import torch
     from trl import SFTConfig
@@ -76,7 +85,7 @@ def sft_config(t, output_dir, bf16, fp16, resuming=False):
         # Resumable checkpoints (full state) every checkpoint_steps; without them, early stopping
         # still needs the adapter at each evaluation to keep the best one.
         save_strategy="steps" if checkpoints or early_stopping else "no",
-        save_steps=t.checkpoint_steps if checkpoints else t.eval_steps,
+        save_steps=save_steps(t),
         save_total_limit=2 if early_stopping else 1,  # the newest, and the best when it is another
         save_only_model=not checkpoints,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log (and stop the run), not be averaged away
