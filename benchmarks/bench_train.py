@@ -22,6 +22,7 @@ Figures per run:
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -58,7 +59,7 @@ def last_value(text, key):
     return float(found[-1]) if found else None
 
 
-def ours(scratch, steps, params):
+def ours(scratch, steps):
     """The train stage on a scratch copy of params, reading the project's outputs in place."""
     work = scratch / "ours"
     shutil.rmtree(work, ignore_errors=True)
@@ -92,6 +93,7 @@ def trl_data(scratch):
     return folder
 
 
+@functools.cache
 def mean_tokens():
     import pandas as pd
 
@@ -179,7 +181,7 @@ def main():
         scratch = Path(tmp)
         data = trl_data(scratch)
         for rep in range(args.reps):
-            for name, fn in (("ours", lambda: ours(scratch, args.steps, params)),
+            for name, fn in (("ours", lambda: ours(scratch, args.steps)),
                              ("trl sft", lambda: trl(scratch, args.steps, params, data))):
                 r = fn()
                 results[name].append(r)

@@ -112,15 +112,13 @@ def tokens_per_second_callback():
 
     class TokensPerSecond(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.tokens, self.seconds, self.started = state.num_input_tokens_seen, 0.0, None
+            self.seconds, self.started, self.start_tokens = 0.0, None, None
             self.training_seconds = 0.0  # this process's part of the run, evaluations excluded
-            self.first_step = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
-            if self.first_step is None:  # after a resume, the Trainer has restored its state by now
-                self.first_step, self.start_tokens = state.global_step, state.num_input_tokens_seen
-                self.tokens = state.num_input_tokens_seen
+            if self.start_tokens is None:  # after a resume, the Trainer has restored its state by now
+                self.start_tokens = self.tokens = state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = time.perf_counter() - self.started
@@ -237,7 +235,7 @@ def main():
             f"{len(train_set)} examples")
         start = time.perf_counter()
         try:
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
                 raise
@@ -248,10 +246,10 @@ def main():
                 f"set train.gradient_checkpointing: true ({p.train.gradient_checkpointing}); 4-bit "
                 f"quantize.bits. Checkpoints so far are kept: the rerun resumes.") from None
         seconds = time.perf_counter() - start
-        history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        if not history or not all(math.isfinite(x) for x in history):
-            raise SystemExit(f"train: the loss is not finite ({history[-3:]}); no adapter written. "
-                             "Lower train.learning_rate or check the data.")
+        history = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # all finite: see FiniteLoss
+        if not history:
+            raise SystemExit("train: no training step was logged; no adapter written. Check train.max_steps, "
+                             "train.logging_steps and the size of the train split.")
 
         with atomic_dir(p.paths.adapter) as out:
             trainer.model.save_pretrained(out)
