@@ -38,6 +38,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.scratch import write_params  # noqa: E402
 
 
 def run_measured(cmd, cwd, env, log):
@@ -59,17 +62,13 @@ def last_value(text, key):
     return float(found[-1]) if found else None
 
 
-def ours(scratch, steps):
+def ours(scratch, steps, overrides):
     """The train stage on a scratch copy of params, reading the project's outputs in place."""
     work = scratch / "ours"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key in ("quantized", "tokenizer", "tokenized"):
-        p["paths"][key] = str(ROOT / p["paths"][key])
-    p["paths"].update(adapter=str(work / "adapter"), metrics=str(work / "metrics"), checkpoints=str(work / "ckpt"))
-    p["train"].update(max_steps=steps, logging_steps=1, eval_steps=10 * steps, checkpoint_steps=0)
-    (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    write_params(work, [f"train.max_steps={steps}", "train.logging_steps=1", f"train.eval_steps={10 * steps}",
+                        *overrides])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out, wall, rss = run_measured([sys.executable, "-m", "stages.train"], work, env, scratch / "ours.log")
     train = json.loads((work / "metrics/train.json").read_text())
@@ -170,6 +169,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--reps", type=int, default=3, help="runs of each, alternating")
+    parser.add_argument("-S", dest="overrides", action="append", default=[],
+                        help="key=value for our run only, as dvc exp run -S (to measure one lever)")
     args = parser.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for needed in ("models/base", "models/quantized", "data/tokenized", "data/prepared", "metrics/train.json"):
@@ -181,7 +182,7 @@ def main():
         scratch = Path(tmp)
         data = trl_data(scratch)
         for rep in range(args.reps):
-            for name, fn in (("ours", lambda: ours(scratch, args.steps)),
+            for name, fn in (("ours", lambda: ours(scratch, args.steps, args.overrides)),
                              ("trl sft", lambda: trl(scratch, args.steps, params, data))):
                 r = fn()
                 results[name].append(r)
@@ -203,7 +204,8 @@ def main():
     print(f"Machine: {cpu}, {os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}; "
           f"bf16 matmul peak measured {peak / 1e9:.1f} GFLOP/s")
     print(f"Model shapes for MFU: {shape}; F = {flops / 1e6:.1f} MFLOP per token")
-    print(f"{args.steps} steps per run, {args.reps} runs each, medians:")
+    print(f"{args.steps} steps per run, {args.reps} runs each, medians; our overrides: "
+          f"{' '.join(args.overrides) or 'none'}")
     print()
     print("| run | non-padding tokens/s | s/step | peak RSS (MB) | final loss | MFU |")
     print("|---|---|---|---|---|---|")

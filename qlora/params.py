@@ -97,6 +97,10 @@ class Train:
     weight_decay: float
     max_grad_norm: float
     gradient_checkpointing: bool
+    gradient_checkpointing_every: int
+    attn_implementation: str
+    group_by_length: bool
+    padding_free: bool
     logging_steps: int
     eval_steps: int
     early_stopping_patience: int
@@ -138,6 +142,7 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 LORA_BIASES = ("none", "all", "lora_only")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 OPTIMIZERS = (
     "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_bnb_8bit", "adamw_8bit",
     "paged_adamw_32bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit", "rmsprop",
@@ -273,6 +278,9 @@ def _check(p, path):
     one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
     require(t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm, "a positive number")
+    require(t.gradient_checkpointing_every > 0, "train.gradient_checkpointing_every", t.gradient_checkpointing_every,
+            "a positive integer")
+    one_of("train.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
     require(t.logging_steps > 0, "train.logging_steps", t.logging_steps, "a positive integer")
     require(t.eval_steps > 0, "train.eval_steps", t.eval_steps, "a positive integer")
     require(t.early_stopping_patience >= 0, "train.early_stopping_patience", t.early_stopping_patience,

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from qlora.checkpoints import fingerprint, live_snapshot_callback, newest_complete, restore_live, step_of
-from qlora.models import is_quantized, keep_4bit_weights_trainable, load_model, module_names
+from qlora.models import load_model, module_names, score_labelled_positions_only
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
 from qlora.splits import load_split
@@ -45,6 +45,20 @@ def lora_config(lo):
         bias=lo.bias,
         task_type="CAUSAL_LM",
     )
+
+
+EAGER_UP_TO = 160  # tokens: CPU attention fwd+bwd, batch 8, SmolLM2 heads: eager 10 ms vs sdpa 18 at 128, 23 vs 18 at 192
+
+
+def attention(t, train_set):
+    """train.attn_implementation, with `auto` resolved: on CPU, sdpa's fused backward is about 3x slower
+    than eager attention on short examples (benchmarks/README.md), and faster on long ones."""
+    import torch
+
+    if t.attn_implementation != "auto":
+        return t.attn_implementation
+    longest = max(map(len, train_set["input_ids"]))
+    return "eager" if not torch.cuda.is_available() and longest <= EAGER_UP_TO else "sdpa"
 
 
 def save_steps(t):
@@ -75,6 +89,9 @@ def sft_config(t, output_dir, bf16, fp16, resuming=False):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"every_n_layers": t.gradient_checkpointing_every},
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        padding_free=t.padding_free,
         logging_steps=t.logging_steps,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
@@ -182,30 +199,44 @@ def live_callback(folder, resume=False):
     return StepAligned(live=live)
 
 
-def main():
+def build_trainer(p, output_dir, callbacks=(), resuming=False):
+    """The SFTTrainer of params `p` (the stage's, or a benchmark's): quantized model, LoRA, data."""
     import torch
     from transformers import AutoTokenizer, set_seed
     from trl import SFTTrainer
 
-    p = load_params(PARAMS)
     set_seed(p.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
-    train_set = load_split(p.paths.tokenized, "train")
-    val_set = load_split(p.paths.tokenized, "val")
-    model = load_model(p.paths.quantized)
+    model = load_model(p.paths.quantized)  # 4-bit layers off the AVX512-BF16 trap: qlora/models.py
     missing = sorted(set(p.lora.target_modules) - module_names(model))
     if missing:
         raise ParamsError(f"params.yaml: lora.target_modules names {missing[0]!r}, which the model does not have "
                           f"(it has: {', '.join(sorted(module_names(model)))})")
-    keep_4bit_weights_trainable(model)  # the AVX512-BF16 CPU trap: see qlora/models.py
-    if is_quantized(model):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.train.gradient_checkpointing)
-
+    # No peft.prepare_model_for_kbit_training: it upcasts every non-quantized weight (embeddings, norms,
+    # 28M of SmolLM2's 135M) to float32, which autocast then casts back to bf16 at each use: 10% slower
+    # per step and 0.4 GB more here. The weights stay in quantize.compute_dtype, as `trl sft` keeps them;
+    # the Trainer enables input gradients itself when gradient checkpointing is on.
+    train_set = load_split(p.paths.tokenized, "train")
+    model.set_attn_implementation(attention(p.train, train_set))
     # The quantize stage stored the model in quantize.compute_dtype; autocast to the same.
     bf16 = model.config.dtype == torch.bfloat16
     fp16 = model.config.dtype == torch.float16 and torch.cuda.is_available()  # no fp16 autocast on CPU
+    score_labelled_positions_only()
+    return SFTTrainer(
+        model=model,
+        args=sft_config(p.train, str(output_dir), bf16, fp16, resuming=resuming),
+        train_dataset=train_set,
+        eval_dataset=load_split(p.paths.tokenized, "val"),
+        processing_class=tokenizer,
+        peft_config=lora_config(p.lora),
+        callbacks=list(callbacks),
+    )
+
+
+def main():
+    import torch
+
+    p = load_params(PARAMS)
     live_dir = Path(p.paths.metrics) / LIVE_DIR
     run_dir = Path(p.paths.checkpoints) / fingerprint(p) if p.train.checkpoint_steps else None
     resume = newest_complete(run_dir) if run_dir else None
@@ -221,18 +252,10 @@ def main():
 
         callbacks.append(EarlyStoppingCallback(p.train.early_stopping_patience, p.train.early_stopping_min_delta))
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = SFTTrainer(
-            model=model,
-            args=sft_config(p.train, str(run_dir or scratch), bf16, fp16, resuming=bool(resume)),
-            train_dataset=train_set,
-            eval_dataset=val_set,
-            processing_class=tokenizer,
-            peft_config=lora_config(p.lora),
-            callbacks=callbacks,
-        )
+        trainer = build_trainer(p, run_dir or scratch, callbacks, resuming=bool(resume))
         trainable, total = trainer.model.get_nb_trainable_parameters()
         log(f"{trainable} trainable parameters of {total} ({100 * trainable / total:.3f}%), "
-            f"{len(train_set)} examples")
+            f"{len(trainer.train_dataset)} examples")
         start = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -1,0 +1,126 @@
+"""The levers that make the train stage faster than `trl sft` keep its results the same.
+
+- TRL's fused LM head scoring only the labelled positions on CPU (score_labelled_positions_only)
+  gives the same loss and LoRA gradients as scoring every position.
+- `train.attn_implementation: auto` picks eager attention for short examples on CPU and sdpa for
+  long ones; both give the same loss.
+- Every stage's model runs its 4-bit layers through the training path (the CPU trap fix is on).
+- Gradient checkpointing, every n-th layer, gives the same gradients as none.
+"""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+
+
+@pytest.fixture
+def tiny_lora_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(49152))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)  # non-zero B: every LoRA matrix gets a gradient
+    return model, config
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(3, 49152, (3, 40))
+    labels = torch.full_like(ids, -100)
+    labels[:, 30:34] = ids[:, 30:34]  # a prompt-masked batch: 4 answer tokens of 40
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+def fused_loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch, fused_lm_head=True).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_scoring_only_labelled_positions_keeps_loss_and_gradients(tiny_lora_model, batch, monkeypatch):
+    import trl.trainer.utils as trl_utils
+    from peft import get_peft_model
+
+    from qlora.models import score_labelled_positions_only
+
+    model, config = tiny_lora_model
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(model, config)
+    cpu = torch.device("cpu")
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # undone after the test
+    assert not trl_utils._use_triton(cpu)  # TRL as shipped scores every position on CPU
+    every_loss, every_grads = fused_loss_and_grads(model, batch)
+
+    assert score_labelled_positions_only()
+    assert trl_utils._use_triton(cpu)
+    assert score_labelled_positions_only()  # a second call does not wrap the wrapper
+    assert trl_utils._use_triton.__closure__[0].cell_contents.__name__ == "_use_triton"
+    labelled_loss, labelled_grads = fused_loss_and_grads(model, batch)
+
+    torch.testing.assert_close(labelled_loss, every_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in every_grads.items():
+        assert grad.norm() > 0, name
+        torch.testing.assert_close(labelled_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_attention_is_eager_for_short_examples_on_cpu(tmp_path):
+    from types import SimpleNamespace
+
+    from stages.train import EAGER_UP_TO, attention
+
+    def pick(setting, longest):
+        return attention(SimpleNamespace(attn_implementation=setting), {"input_ids": [[1] * 10, [1] * longest]})
+
+    assert pick("auto", EAGER_UP_TO) == "eager"
+    assert pick("auto", EAGER_UP_TO + 1) == "sdpa"
+    assert pick("sdpa", 20) == "sdpa"
+    assert pick("eager", 2000) == "eager"
+
+
+def test_eager_and_sdpa_attention_give_the_same_loss(tiny_lora_model, batch):
+    model, _ = tiny_lora_model
+    batch = dict(batch, attention_mask=batch["attention_mask"].clone())
+    batch["attention_mask"][0, 35:] = 0  # one padded row
+    losses = {}
+    for impl in ("eager", "sdpa"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            losses[impl] = model(**batch).loss
+    torch.testing.assert_close(losses["eager"], losses["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_every_other_layer_keeps_gradients(tiny_lora_model, batch):
+    from peft import get_peft_model
+
+    model, config = tiny_lora_model
+    model = get_peft_model(model, config)
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    model.enable_input_require_grads()
+    model.activation_checkpointing_enable(every_n_layers=2)
+    checkpointed = grads()
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert [m.gradient_checkpointing for m in layers] == [True, False]  # the first of every 2 recomputes
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad)
+
+
+def test_every_stage_loads_4bit_layers_on_the_training_path(tiny_project):
+    import bitsandbytes as bnb
+
+    from qlora.models import load_model
+
+    layers = [m for m in load_model(tiny_project / "models/quantized").modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
