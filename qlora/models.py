@@ -18,8 +18,9 @@ def quantization_config(q):
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
-            # the dtype non-quantized weights (norms, embeddings) are stored in
-            bnb_4bit_quant_storage=torch.uint8,
+            # the dtype the packed 4-bit codes are stored as: uint8, or the compute dtype for FSDP,
+            # which can only shard a model whose parameters share one float dtype
+            bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
         )
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)

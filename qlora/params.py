@@ -73,6 +73,7 @@ class Quantize:
     quant_type: str
     double_quant: bool
     compute_dtype: str
+    quant_storage: str
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class Train:
     attn_implementation: str
     group_by_length: bool
     padding_free: bool
+    processes: int
+    distributed: str
     logging_steps: int
     eval_steps: int
     early_stopping_patience: int
@@ -258,6 +261,7 @@ def _check(p, path):
     one_of("quantize.bits", q.bits, BITS)
     one_of("quantize.quant_type", q.quant_type, QUANT_TYPES)
     one_of("quantize.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
+    one_of("quantize.quant_storage", q.quant_storage, ("uint8",) + COMPUTE_DTYPES)
 
     lo = p.lora
     require(lo.r > 0, "lora.r", lo.r, "a positive integer")
@@ -281,6 +285,9 @@ def _check(p, path):
     require(t.gradient_checkpointing_every > 0, "train.gradient_checkpointing_every", t.gradient_checkpointing_every,
             "a positive integer")
     one_of("train.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
+    require(t.processes > 0, "train.processes", t.processes, "a positive integer")
+    require(bool(t.distributed) and "/" not in t.distributed, "train.distributed", t.distributed,
+            "the name of a config in accelerate/ (ddp, fsdp, or one of yours)")
     require(t.logging_steps > 0, "train.logging_steps", t.logging_steps, "a positive integer")
     require(t.eval_steps > 0, "train.eval_steps", t.eval_steps, "a positive integer")
     require(t.early_stopping_patience >= 0, "train.early_stopping_patience", t.early_stopping_patience,

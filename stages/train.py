@@ -17,8 +17,12 @@ included, and the folder is removed once the adapter is written. A non-finite lo
 stops training at once with a non-zero exit; nothing is written as if it succeeded.
 """
 
+import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -233,26 +237,87 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     )
 
 
+def is_launched():
+    """Whether this process was started by `accelerate launch` (or torchrun): it has a rank."""
+    return "LOCAL_RANK" in os.environ
+
+
+def is_main_process():
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launch(p):
+    """Run this stage as `train.processes` processes through `accelerate launch` with the config
+    accelerate/<train.distributed>.yaml; returns their exit status. Without a main_process_port in
+    the config, a free one is taken, so queued experiments can train side by side. On a machine
+    without CUDA the processes train on CPU over gloo."""
+    import socket
+
+    import torch
+    import yaml
+
+    t = p.train
+    config_file = Path(__file__).resolve().parents[1] / "accelerate" / f"{t.distributed}.yaml"
+    if not config_file.exists():
+        raise ParamsError(f"params.yaml: train.distributed is {t.distributed!r}, but {config_file} does not exist "
+                          f"(there: {', '.join(sorted(f.stem for f in config_file.parent.glob('*.yaml')))})")
+    config = yaml.safe_load(config_file.read_text())
+    if config.get("distributed_type") == "FSDP":
+        if not torch.cuda.is_available():
+            raise ParamsError(f"params.yaml: train.distributed {t.distributed} is FSDP, which needs CUDA GPUs; "
+                              "on CPU use ddp")
+        q = json.loads((Path(p.paths.quantized) / "config.json").read_text()).get("quantization_config", {})
+        if q.get("load_in_4bit") and q.get("bnb_4bit_quant_storage") != q.get("bnb_4bit_compute_dtype"):
+            raise ParamsError(
+                f"params.yaml: FSDP shards 4-bit weights only when quantize.quant_storage equals "
+                f"quantize.compute_dtype; {p.paths.quantized} stores {q.get('bnb_4bit_quant_storage')} with "
+                f"compute dtype {q.get('bnb_4bit_compute_dtype')}")
+    elif torch.cuda.is_available() and torch.cuda.device_count() < t.processes and config.get("num_machines", 1) == 1:
+        raise ParamsError(f"params.yaml: train.processes is {t.processes}, but {torch.cuda.device_count()} GPU(s) "
+                          "are visible (CUDA_VISIBLE_DEVICES)")
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config_file),
+           "--num_processes", str(t.processes)]
+    if not config.get("main_process_port"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            cmd += ["--main_process_port", str(s.getsockname()[1])]
+    cmd += ["-m", "stages.train"]
+    log(f"{t.processes} processes ({t.distributed}): {' '.join(cmd[1:])}")
+    return subprocess.run(cmd).returncode
+
+
 def main():
     import torch
 
     p = load_params(PARAMS)
+    if p.train.processes > 1 and not is_launched():
+        raise SystemExit(launch(p))
+    main_process = is_main_process()
     live_dir = Path(p.paths.metrics) / LIVE_DIR
-    run_dir = Path(p.paths.checkpoints) / fingerprint(p) if p.train.checkpoint_steps else None
-    resume = newest_complete(run_dir) if run_dir else None
-    if resume:
+    # Several processes share one output folder (each saves its RNG state there), so it cannot be a
+    # per-process temporary folder.
+    shared = p.train.checkpoint_steps or p.train.processes > 1
+    run_dir = Path(p.paths.checkpoints) / fingerprint(p) if shared else None
+    resume = newest_complete(run_dir) if p.train.checkpoint_steps else None
+    if resume and main_process:
         restore_live(resume, live_dir)
         log(f"resuming from {resume} (step {step_of(resume)} of a run with the same params and data)")
     throughput = tokens_per_second_callback()
-    callbacks = [finite_loss_callback(), throughput, live_callback(live_dir, resume=bool(resume))]
-    if run_dir:
-        callbacks.append(live_snapshot_callback(live_dir))
+    callbacks = [finite_loss_callback(), throughput]
+    if main_process:  # only the main process writes curves; the others never touch metrics/
+        callbacks.append(live_callback(live_dir, resume=bool(resume)))
+        if p.train.checkpoint_steps:
+            callbacks.append(live_snapshot_callback(live_dir))
     if p.train.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(p.train.early_stopping_patience, p.train.early_stopping_min_delta))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(p, run_dir or scratch, callbacks, resuming=bool(resume))
+        world = trainer.accelerator
+        if main_process and world.num_processes > 1:
+            log(f"world of {world.num_processes} processes ({world.distributed_type.value}), "
+                f"global batch {p.train.batch_size * p.train.gradient_accumulation_steps * world.num_processes}")
         trainable, total = trainer.model.get_nb_trainable_parameters()
         log(f"{trainable} trainable parameters of {total} ({100 * trainable / total:.3f}%), "
             f"{len(trainer.train_dataset)} examples")
@@ -274,8 +339,20 @@ def main():
             raise SystemExit("train: no training step was logged; no adapter written. Check train.max_steps, "
                              "train.logging_steps and the size of the train split.")
 
-        with atomic_dir(p.paths.adapter) as out:
-            trainer.model.save_pretrained(out)
+        if trainer.is_fsdp_enabled:
+            # Sharded adapters are gathered by every process (peft's FSDP recipe); the main one writes.
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+            trainer.save_model(str(run_dir / "final"))
+        if main_process:
+            with atomic_dir(p.paths.adapter) as out:
+                if trainer.is_fsdp_enabled:
+                    for name in ("adapter_model.safetensors", "adapter_config.json"):
+                        shutil.copy(run_dir / "final" / name, out / name)
+                else:
+                    trainer.model.save_pretrained(out)
+        trainer.accelerator.wait_for_everyone()
+    if not main_process:
+        return  # the main process writes the adapter and metrics, once
     if run_dir and run_dir.exists():
         shutil.rmtree(run_dir)  # the adapter is written: DVC keeps it from here
 

@@ -33,10 +33,10 @@ def exp_rows(project, baseline_commits=False):
     return rows
 
 
-def test_queued_grid_runs_every_point_with_its_own_metrics(tiny_project):
+def test_queued_grid_on_two_workers_runs_every_point_with_its_own_metrics(tiny_project):
     p = tiny_project
     run(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,8", "-S", "train.learning_rate=1e-3,2e-3"], p)
-    run(["dvc", "queue", "start", "-j", "1"], p)
+    assert "Started '2' new experiments task queue worker" in run(["dvc", "queue", "start", "-j", "2"], p).stdout
     deadline = time.time() + 600
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], p).stdout
