@@ -10,8 +10,9 @@ known to degrade outputs, so it is not offered.
 Checked on held-out test examples and written to metrics/export.json:
 - `merge_max_abs_diff`: merged vs unmerged, both float32 (the merge itself is exact);
 - `max_abs_logit_diff`, `mean_abs_logit_diff`, `argmax_agreement`: the exported model
-  vs the quantized base plus adapter as trained and evaluated (`float32_max_abs_logit_diff`:
-  the same before the cast, so what the compute dtype alone accounts for);
+  vs the quantized base plus adapter as trained and evaluated (`float32_max_abs_logit_diff`,
+  `float32_argmax_agreement`: the same before the cast, so what the compute dtype alone
+  accounts for);
 - `answer_agreement`, `test_accuracy`: the exported model's greedy answers on the whole test
   split against the adapter's (metrics/predictions.json) and its accuracy against the adapter's.
 The model card (README.md) records the base model, data version, params and metrics.
@@ -139,9 +140,11 @@ def main():
     merge_error = max((m - u).abs().max().item() for m, u in zip(logits(model, examples), unmerged))
     model = model.to(dtype)
     model.config.dtype = dtype
+    floor = compare(unmerged, reference)
     check = dict(dtype=p.export.dtype, check_examples=len(examples),
                  merge_max_abs_diff=round(merge_error, 6),
-                 float32_max_abs_logit_diff=compare(unmerged, reference)["max_abs_logit_diff"],
+                 float32_max_abs_logit_diff=floor["max_abs_logit_diff"],
+                 float32_argmax_agreement=floor["argmax_agreement"],
                  **compare(logits(model, examples), reference))
 
     # The task on the whole test split, against the adapter's answers from the evaluate stage.

@@ -14,11 +14,13 @@ from conftest import repro, set_params
 # The exported model against the 4-bit base plus adapter, on held-out test prompts. The
 # reference computes in bf16 (quantize.compute_dtype), so most of the difference is its own
 # rounding: the same model in float32, unmerged, is already that far from it (the noise
-# floor, `float32_max_abs_logit_diff`), and the float32 merge itself is exact to ~1e-4.
-# Tolerance: the bf16 export stays within 1.5x that floor and picks the same next token
-# at >= 95% of positions. Measured on the tiny model: 0.543 vs a floor of 0.443, 97%.
+# floor: `float32_max_abs_logit_diff`, `float32_argmax_agreement`), and the float32 merge
+# itself is exact to ~1e-4. Tolerance: the bf16 export stays within 1.5x that floor's logit
+# difference and loses at most 2 points of next-token agreement below the floor's. Measured
+# on the tiny model, whose near-uniform logits make ties common: 0.484 vs a floor of 0.332,
+# agreement 0.946 vs 0.944 for the floor.
 NOISE_FLOOR_FACTOR = 1.5
-MIN_ARGMAX_AGREEMENT = 0.95
+AGREEMENT_BELOW_FLOOR = 0.02
 
 
 def test_tolerance(reproduced_project):
@@ -27,7 +29,8 @@ def test_tolerance(reproduced_project):
     assert check["dtype"] == "bfloat16" and check["check_examples"] > 0
     assert check["merge_max_abs_diff"] < 1e-4, "merging in float32 is exact"
     assert check["max_abs_logit_diff"] <= NOISE_FLOOR_FACTOR * check["float32_max_abs_logit_diff"]
-    assert check["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT
+    assert check["argmax_agreement"] >= check["float32_argmax_agreement"] - AGREEMENT_BELOW_FLOOR
+    assert check["float32_argmax_agreement"] > 0.9, "the floor itself: the same model, another dtype"
     assert 0 <= check["answer_agreement"] <= 1 and 0 <= check["test_accuracy"] <= 1
 
 
