@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import yaml
+from dvc.exceptions import InvalidArgumentError
+from dvc.utils.hydra import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,12 +18,10 @@ def write_params(folder, overrides=()):
     raw["paths"].update(adapter=str(folder / "adapter"), metrics=str(folder / "metrics"),
                         checkpoints=str(folder / "ckpt"))
     raw["train"].update(checkpoint_steps=0, early_stopping_patience=0)
-    for item in overrides:
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        if name not in raw.get(section, {}):
-            raise SystemExit(f"-S {item}: params.yaml has no {key}")
-        raw[section][name] = yaml.safe_load(value)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        apply_overrides(path, list(overrides))  # what `dvc exp run -S` itself calls
+    except InvalidArgumentError as e:
+        raise SystemExit(f"-S {' '.join(overrides)}: {e.__cause__}") from e
     return path

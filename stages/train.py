@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from qlora.checkpoints import fingerprint, live_snapshot_callback, newest_complete, restore_live, step_of
-from qlora.models import load_model, module_names, score_labelled_positions_only
+from qlora.models import device, load_model, module_names, score_labelled_positions_only
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
 from qlora.splits import load_split
@@ -57,12 +57,10 @@ EAGER_UP_TO = 160  # tokens: CPU attention fwd+bwd, batch 8, SmolLM2 heads: eage
 def attention(t, train_set):
     """train.attn_implementation, with `auto` resolved: on CPU, sdpa's fused backward is about 3x slower
     than eager attention on short examples (benchmarks/README.md), and faster on long ones."""
-    import torch
-
     if t.attn_implementation != "auto":
         return t.attn_implementation
     longest = max(map(len, train_set["input_ids"]))
-    return "eager" if not torch.cuda.is_available() and longest <= EAGER_UP_TO else "sdpa"
+    return "eager" if device() == "cpu" and longest <= EAGER_UP_TO else "sdpa"
 
 
 def save_steps(t):
