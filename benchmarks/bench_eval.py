@@ -36,7 +36,7 @@ def main():
 
     from qlora.models import load_model
     from qlora.params import parse_params
-    from qlora.scoring import completion_loss, generate_answers
+    from qlora.scoring import answer_budget, completion_loss, generate_answers
     from qlora.splits import load_split
     from stages.export import dequantized
     from transformers import AutoTokenizer
@@ -46,7 +46,8 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     val = load_split(paths["tokenized"], "val").select(range(args.examples))
     test = load_split(paths["tokenized"], "test").select(range(args.examples))
-    b, new = p.evaluate.batch_size, p.evaluate.max_new_tokens
+    b = p.evaluate.batch_size
+    new = answer_budget(p.evaluate.max_new_tokens, load_split(paths["tokenized"], "train"))
 
     def four_bit(training_path):
         return PeftModel.from_pretrained(load_model(paths["quantized"], bnb_cpu_inference=not training_path),

@@ -114,8 +114,9 @@ class Train:
 
 @dataclass(frozen=True)
 class Evaluate:
+    task: str
     batch_size: int
-    max_new_tokens: int
+    max_new_tokens: int | str
     overfitting_rise_pct: float
     samples: int
 
@@ -124,6 +125,8 @@ class Evaluate:
 class Export:
     dtype: str
     check_examples: int
+    loss_tolerance: float
+    metric_tolerance: float
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class Params:
 
 
 SOURCES = ("bundled", "local", "hub")
+TASKS = ("auto", "classification", "generation")
+# Text params in which `\n` written as two characters (as `dvc exp run -S` passes it) means a new line.
+MULTILINE = {"data.prompt_template", "tokenize.system_prompt"}
 BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -190,6 +196,8 @@ def _build(cls, raw, path, prefix):
             values[name] = _build(hint, value, path, f"{key}.")
         else:
             values[name] = _coerce(value, hint, path, key)
+            if key in MULTILINE and isinstance(values[name], str):
+                values[name] = values[name].replace("\\n", "\n")
     return cls(**values)
 
 
@@ -201,9 +209,16 @@ def _coerce(value, hint, path, key):
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        # Labels written as numbers ([1, 2, 3]) are the text they read as: answers are text.
+        ok = isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                             and str(v).strip() for v in value)
+        if not ok:
             raise ParamsError(f"{path}: {key} must be a list of non-empty strings, got {value!r}")
-        return list(value)
+        return [str(v) for v in value]
+    if hint == int | str:  # an integer, or a word such as `auto` that _check allows
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ParamsError(f"{path}: {key} must be an integer or a word, got {value!r}")
+        return value
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -296,13 +311,17 @@ def _check(p, path):
     require(t.checkpoint_steps >= 0, "train.checkpoint_steps", t.checkpoint_steps, "0 (off) or a positive integer")
 
     e = p.evaluate
+    one_of("evaluate.task", e.task, TASKS)
     require(e.batch_size > 0, "evaluate.batch_size", e.batch_size, "a positive integer")
-    require(e.max_new_tokens > 0, "evaluate.max_new_tokens", e.max_new_tokens, "a positive integer")
+    require(e.max_new_tokens == "auto" or isinstance(e.max_new_tokens, int) and e.max_new_tokens > 0,
+            "evaluate.max_new_tokens", e.max_new_tokens, "auto or a positive integer")
     require(e.overfitting_rise_pct >= 0, "evaluate.overfitting_rise_pct", e.overfitting_rise_pct, ">= 0")
     require(e.samples >= 0, "evaluate.samples", e.samples, "0 or a positive integer")
 
     one_of("export.dtype", p.export.dtype, COMPUTE_DTYPES)
     require(p.export.check_examples > 0, "export.check_examples", p.export.check_examples, "a positive integer")
+    require(p.export.loss_tolerance > 0, "export.loss_tolerance", p.export.loss_tolerance, "a positive number")
+    require(0 <= p.export.metric_tolerance <= 1, "export.metric_tolerance", p.export.metric_tolerance, "in [0, 1]")
 
 
 class _DeclaredView:

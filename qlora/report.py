@@ -28,9 +28,14 @@ KEY_METRICS = [
     ("metrics/evaluate.json", "best_val_step", "best step"),
     ("metrics/evaluate.json", "val_loss_rise_pct", "rise %"),
     ("metrics/evaluate.json", "overfitting", "overfitting"),
-    ("metrics/evaluate.json", "test_accuracy", "test acc"),
+    ("metrics/evaluate.json", "test_accuracy", "test acc"),  # classification
     ("metrics/evaluate.json", "test_macro_f1", "macro F1"),
+    ("metrics/evaluate.json", "test_answered", "answered"),
     ("metrics/evaluate.json", "accuracy_gain", "acc vs base"),
+    ("metrics/evaluate.json", "test_exact_match", "exact match"),  # generation
+    ("metrics/evaluate.json", "test_chrf", "chrF"),
+    ("metrics/evaluate.json", "test_rouge_l", "ROUGE-L"),
+    ("metrics/evaluate.json", "chrf_gain", "chrF vs base"),
     ("metrics/train.json", "steps", "steps"),
     ("metrics/train.json", "stopped_early", "stopped early"),
     ("metrics/train.json", "tokens_per_second", "tokens/s"),
@@ -125,9 +130,11 @@ def table(rows, changed, best):
             return f"{value:.4g}" if math.isfinite(value) else str(value)
         return "" if value is None else str(value)
 
-    head = ["experiment", *changed, *(title for _, _, title in KEY_METRICS)]
+    shown = [(f, k, title) for f, k, title in KEY_METRICS  # the task's metrics: a column no run has is left out
+             if any(k in r["metrics"].get(f, {}) for r in rows)]
+    head = ["experiment", *changed, *(title for _, _, title in shown)]
     body = [[("★ " if r is best else "") + r["name"], *(fmt(r["params"].get(k)) for k in changed),
-             *(fmt(r["metrics"].get(f, {}).get(k)) for f, k, _ in KEY_METRICS)] for r in rows]
+             *(fmt(r["metrics"].get(f, {}).get(k)) for f, k, _ in shown)] for r in rows]
     return head, body
 
 

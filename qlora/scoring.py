@@ -5,6 +5,7 @@ Train, val and test are measured by the same function, so their losses compare.
 
 import math
 import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -63,29 +64,107 @@ def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens):
     return answers
 
 
+TASKS = ("classification", "generation")
+PRIMARY = {"classification": "accuracy", "generation": "chrf"}  # the metric the export check holds to
+
+
+def resolve_task(task, labels):
+    """evaluate.task with `auto` resolved: classification when data.labels lists the answers."""
+    if task != "auto":
+        return task
+    return "classification" if labels else "generation"
+
+
+def answer_budget(setting, train):
+    """evaluate.max_new_tokens with `auto` resolved: the longest answer of the train split in tokens
+    (its end-of-turn token included), plus a quarter for room, so that generation can finish every
+    answer the model was taught without paying for a chatty model's whole paragraph."""
+    if setting != "auto":
+        return setting
+    longest = max(sum(1 for t in labels if t != IGNORE_INDEX) for labels in train["labels"])
+    return max(4, math.ceil(1.25 * longest))
+
+
+def _casefold_strip(text):
+    """Case folded, with surrounding whitespace and punctuation removed."""
+    return re.sub(r"^[\W_]+|[\W_]+$", "", str(text).casefold())
+
+
+def _names(label, text):
+    """Whether `text` names `label` as a word of its own (not `perl` in `libperl5` or `perl-doc`)."""
+    return re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text) is not None
+
+
 def extract_label(answer, labels):
-    """The first allowed label the answer names as a word ("It belongs to the perl section." -> perl).
+    """The one allowed label an answer gives, or None.
 
-    Lenient on purpose, so a chatty base model is not scored zero for its phrasing; an answer
-    naming no label stays as it is and counts as wrong.
+    Strict on purpose: an answer counts only if, ignoring case and surrounding whitespace and
+    punctuation, it *is* an allowed label, or begins with exactly one and names no other. So
+    "Perl." and "perl, since it is a Perl module" give perl; an echoed list of the labels, "perl or
+    python", "libperl5" and "The section is perl" give none (a model asked for a label must answer with it).
     """
-    found = [(m.start(), label) for label in labels
-             for m in [re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", answer, flags=re.IGNORECASE)] if m]
-    return min(found)[1] if found else answer
+    text = " ".join(str(answer).casefold().split())
+    stripped = _casefold_strip(text)
+    folded = {label.casefold(): label for label in labels}
+    if text in folded or stripped in folded:
+        return folded.get(text) or folded[stripped]
+    starts = [f for f in folded if stripped.startswith(f) and not re.match(r"[\w-]", stripped[len(f):len(f) + 1])]
+    if not starts:
+        return None
+    first = max(starts, key=len)  # "python 3" over "python" when both are labels
+    rest = stripped[len(first):]
+    if any(_names(other, rest) for other in folded if other != first):
+        return None
+    return folded[first]
 
 
-def task_metrics(answers, references):
-    """Accuracy and macro F1 of generated answers against the expected labels, through `evaluate`
-    modules that load from this project, offline. Each answer is first reduced to the label it names
-    (`extract_label`); one naming no label counts as wrong for its expected class. Macro F1 averages
-    over the expected classes, so a model that answers only the majority class scores low."""
+def normalize_text(text):
+    """Case folded, punctuation removed, whitespace collapsed: what exact match compares."""
+    return " ".join("".join(" " if unicodedata.category(c).startswith("P") else c
+                            for c in str(text).casefold()).split())
+
+
+def classification_scores(answers, references, labels):
+    """Per answer: the label it gives (or None) and whether it is the expected one; overall: accuracy,
+    macro F1 over the expected classes (so a model answering only the majority class scores low) and
+    `answered`, the share of answers that give exactly one label. Through `evaluate` modules that
+    load from this project, offline."""
     import evaluate
 
     classes = sorted(set(references))
-    predictions = [extract_label(a, classes) for a in answers]
-    index = {label: i for i, label in enumerate(classes + sorted(set(predictions) - set(classes)))}
-    pred, ref = [index[p] for p in predictions], [index[r] for r in references]
+    allowed = sorted(set(labels) | set(classes))
+    given = [extract_label(a, allowed) for a in answers]
+    index = {label: i for i, label in enumerate(classes)}
+    other = len(classes)  # no label, or one that is not expected anywhere in test
+    pred, ref = [index.get(g, other) for g in given], [index[r] for r in references]
     accuracy = evaluate.load(str(MODULES / "accuracy")).compute(predictions=pred, references=ref)["accuracy"]
     f1 = evaluate.load(str(MODULES / "f1")).compute(predictions=pred, references=ref,
                                                       labels=list(range(len(classes))), average="macro")["f1"]
-    return dict(accuracy=round(accuracy, 4), macro_f1=round(f1, 4)), predictions
+    rows = [dict(label=g, correct=int(g == r)) for g, r in zip(given, references)]
+    metrics = dict(accuracy=accuracy, macro_f1=f1, answered=sum(g is not None for g in given) / len(given))
+    return {k: round(v, 4) for k, v in metrics.items()}, rows
+
+
+def generation_scores(answers, references):
+    """Per answer and averaged: exact match after `normalize_text`, chrF (sacrebleu's sentence chrF,
+    character n-grams, scaled to 0-1) and ROUGE-L F1 (rouge-score, longest common word subsequence);
+    `answered` is the share of non-empty answers. An empty answer scores 0 on all three; an echoed
+    prompt or a chatty answer that contains the reference scores partial chrF and ROUGE-L, no exact match."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF
+
+    chrf, rouge = CHRF(), rouge_scorer.RougeScorer(["rougeL"])
+    rows = [dict(exact_match=int(normalize_text(a) == normalize_text(r)),
+                 chrf=round(chrf.sentence_score(a, [r]).score / 100, 4),
+                 rouge_l=round(rouge.score(r, a)["rougeL"].fmeasure, 4))
+            for a, r in zip(answers, references)]
+    metrics = {k: sum(row[k] for row in rows) / len(rows) for k in ("exact_match", "chrf", "rouge_l")}
+    metrics["answered"] = sum(bool(a.strip()) for a in answers) / len(answers)
+    return {k: round(v, 4) for k, v in metrics.items()}, rows
+
+
+def task_scores(task, answers, references, labels=()):
+    """(metrics over the split, one dict of scores per answer) for a resolved task."""
+    if task == "classification":
+        return classification_scores(answers, references, labels)
+    return generation_scores(answers, references)

@@ -54,11 +54,18 @@ def load_pretrained(name, revision, trust_remote_code):
     return model, tokenizer
 
 
+def check_source(b):
+    """Stop, naming the key, if the base model named in params cannot be found (the hub is not asked)."""
+    if b.source == "bundled":
+        bundled_dir()
+    if b.source == "local" and not (Path(b.path) / "config.json").exists():
+        raise ParamsError(f"params.yaml: base.path must be a model folder with config.json, got {b.path!r}")
+
+
 def main():
     p = load_params(PARAMS)
     b = p.base
-    if b.source == "local" and not (Path(b.path) / "config.json").exists():
-        raise ParamsError(f"params.yaml: base.path must be a model folder with config.json, got {b.path!r}")
+    check_source(b)
 
     log(f"loading base model ({b.source})")
     if b.source == "bundled":

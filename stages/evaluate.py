@@ -6,11 +6,15 @@
 - From the val curve the train stage logged: the best val loss, the step and epoch
   where it happened, the last one, the rise since the best in percent, and
   `overfitting` when that rise passes `evaluate.overfitting_rise_pct`.
-- The task metric on test (accuracy and macro F1 of the generated answer), beside
-  the base model's from the evaluate_base stage, and the differences.
+- The task metrics on test, beside the base model's from the evaluate_base stage, and
+  the gains (qlora/scoring.py). Classification: accuracy, macro F1 and `answered`
+  (answers that give exactly one allowed label). Generation: exact match, chrF and
+  ROUGE-L of the generated answer against the reference, and `answered` (non-empty).
 - Sample predictions (input, expected, base answer, fine-tuned answer) in
-  `metrics/predictions.md`, and every test answer in `metrics/predictions.json`
-  (a confusion-matrix plot in dvc.yaml).
+  `metrics/predictions.md`; every test example in `metrics/predictions.json` with its
+  reference, both answers and each one's scores, so that two runs can be compared
+  example by example; for classification, expected vs given label in
+  `metrics/confusion.json` (a confusion-matrix plot in dvc.yaml; empty for generation).
 """
 
 import json
@@ -20,12 +24,14 @@ from pathlib import Path
 from qlora.models import load_model
 from qlora.outputs import log, write_json
 from qlora.params import load_params
-from qlora.scoring import completion_loss, generate_answers, task_metrics
+from qlora.scoring import answer_budget, completion_loss, generate_answers, resolve_task, task_scores
 from qlora.splits import load_split
 
 BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metrics
 VAL_CURVE = "live/plots/metrics/eval/loss.tsv"  # written by train through dvclive, under paths.metrics
-PARAMS = ["evaluate", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter", "paths.metrics"]
+PARAMS = ["evaluate", "data.labels", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
+          "paths.metrics"]
+NO_LABEL = "(no label)"  # in the confusion matrix: an answer that gives no allowed label, or several
 
 
 def train_sample(train, size):
@@ -61,25 +67,36 @@ def shown_inputs(prompts):
     return [" ".join(p[len(prefix):].split()) for p in prompts]
 
 
-def predictions_markdown(rows, metrics, count):
+def headline(metrics, task):
+    """The task metrics of the fine-tuned and the base model, as one sentence."""
+    names = ("accuracy", "macro_f1", "answered") if task == "classification" else \
+        ("exact_match", "chrf", "rouge_l", "answered")
+    return ", ".join(f"{name} {metrics[f'test_{name}']} (base {metrics[f'base_test_{name}']})" for name in names)
+
+
+def predictions_markdown(rows, metrics, task, count):
     def cell(text, width=110):
         text = str(text).replace("|", "\\|").replace("\n", " ")
         return text if len(text) <= width else text[: width - 1] + "…"
 
+    def shown(row, prefix):
+        answer = cell(row[f"{prefix}answer"], 60)
+        if task == "classification":
+            return ("✓ " if row[f"{prefix}correct"] else "") + answer
+        return ("✓ " if row[f"{prefix}exact_match"] else "") + f"{answer} (chrF {row[f'{prefix}chrf']:.2f})"
+
+    mark = "a correct label" if task == "classification" else "an exact match (chrF in brackets)"
     lines = [
         "# Sample predictions on test",
         "",
-        f"Fine-tuned accuracy {metrics['test_accuracy']} (base {metrics['base_test_accuracy']}), "
-        f"macro F1 {metrics['test_macro_f1']} (base {metrics['base_test_macro_f1']}). "
-        f"The first {min(count, len(rows))} of {len(rows)} test examples; ✓ marks a correct answer.",
+        f"Fine-tuned model: {headline(metrics, task)}. The first {min(count, len(rows))} of {len(rows)} test "
+        f"examples; ✓ marks {mark}.",
         "",
         "| input | expected | base answer | fine-tuned answer |",
         "|---|---|---|---|",
     ]
-    for r in rows[:count]:
-        mark = lambda label, answer: f"{'✓ ' if label == r['expected'] else ''}{cell(answer, 60)}"  # noqa: E731
-        lines.append(f"| {cell(r['input'])} | {r['expected']} | {mark(r['base_label'], r['base_answer'])} "
-                     f"| {mark(r['label'], r['answer'])} |")
+    lines += [f"| {cell(r['input'])} | {cell(r['expected'], 60)} | {shown(r, 'base_')} | {shown(r, '')} |"
+              for r in rows[:count]]
     return "\n".join(lines) + "\n"
 
 
@@ -89,12 +106,14 @@ def main():
 
     p = load_params(PARAMS)
     e = p.evaluate
+    task = resolve_task(e.task, p.data.labels)
     metrics_dir = Path(p.paths.metrics)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     val, test = load_split(p.paths.tokenized, "val"), load_split(p.paths.tokenized, "test")
-    train = train_sample(load_split(p.paths.tokenized, "train"), len(val))
+    full_train = load_split(p.paths.tokenized, "train")
+    train = train_sample(full_train, len(val))
     base_metrics = json.loads((metrics_dir / "evaluate_base.json").read_text())
-    base_answers = json.loads((metrics_dir / BASE_ANSWERS).read_text())
+    base_rows = json.loads((metrics_dir / BASE_ANSWERS).read_text())
     trained = json.loads((metrics_dir / "train.json").read_text())
     curve = val_curve_summary(metrics_dir / VAL_CURVE, trained["steps"] / trained["epochs"], e.overfitting_rise_pct)
     model = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
@@ -102,30 +121,32 @@ def main():
     losses = {name: completion_loss(model, split, e.batch_size) for name, split in
               (("train", train), ("val", val), ("test", test))}
     log("loss " + ", ".join(f"{name} {v['loss']}" for name, v in losses.items()))
-    answers = generate_answers(model, tokenizer, test, e.batch_size, e.max_new_tokens)
-    task, labels = task_metrics(answers, test["completion"])
+    answers = generate_answers(model, tokenizer, test, e.batch_size, answer_budget(e.max_new_tokens, full_train))
+    scores, scored = task_scores(task, answers, test["completion"], p.data.labels)
 
     metrics = {f"{name}_{k}": v for name, result in losses.items() for k, v in result.items()}
     metrics.update(
         gap=round(losses["val"]["loss"] - losses["train"]["loss"], 4),  # > 0 and growing: overfitting
         gap_ratio=round(losses["val"]["loss"] / losses["train"]["loss"], 3),
         **curve,
-        test_accuracy=task["accuracy"],
-        base_test_accuracy=base_metrics["test_accuracy"],
-        accuracy_gain=round(task["accuracy"] - base_metrics["test_accuracy"], 4),
-        test_macro_f1=task["macro_f1"],
-        base_test_macro_f1=base_metrics["test_macro_f1"],
-        macro_f1_gain=round(task["macro_f1"] - base_metrics["test_macro_f1"], 4),
         base_test_loss=base_metrics["test_loss"],
     )
-    classes = set(test["completion"])
-    named = lambda label: label if label in classes else "(no label)"  # noqa: E731  keeps the confusion matrix square
-    rows = [dict(input=i, expected=x, base_answer=b["answer"], base_label=named(b["label"]), answer=a, label=named(y))
-            for i, x, b, a, y in zip(shown_inputs(test["prompt"]), test["completion"], base_answers, answers, labels)]
+    for name, value in scores.items():
+        base = base_metrics[f"test_{name}"]
+        metrics.update({f"test_{name}": value, f"base_test_{name}": base})
+        if name != "answered":
+            metrics[f"{name}_gain"] = round(value - base, 4)
+
+    rows = [dict(input=i, expected=x, base_answer=b["answer"], answer=a,
+                 **{f"base_{k}": v for k, v in b.items() if k != "answer"}, **s)
+            for i, x, b, a, s in zip(shown_inputs(test["prompt"]), test["completion"], base_rows, answers, scored)]
+    confusion = [dict(expected=r["expected"], label=r["label"] or NO_LABEL) for r in rows] \
+        if task == "classification" else []
     write_json(metrics_dir / "predictions.json", rows)
-    (metrics_dir / "predictions.md").write_text(predictions_markdown(rows, metrics, e.samples))
+    write_json(metrics_dir / "confusion.json", confusion)
+    (metrics_dir / "predictions.md").write_text(predictions_markdown(rows, metrics, task, e.samples))
     write_json(metrics_dir / "evaluate.json", metrics)
-    log(f"test accuracy {metrics['test_accuracy']} (base {metrics['base_test_accuracy']}), gap {metrics['gap']}, "
+    log(f"{task}: {headline(metrics, task)}; gap {metrics['gap']}, "
         f"best val loss {curve['best_val_loss']} at step {curve['best_val_step']}, last {curve['last_val_loss']}"
         f"{' (overfitting)' if curve['overfitting'] else ''}")
 

@@ -1,9 +1,9 @@
 """Score the quantized base model, without an adapter, on the test split.
 
 A stage of its own so that changing LoRA or training params never recomputes it:
-it depends on the quantized model, the tokenized test split and the two
-`evaluate.*` keys it reads. Its answers are kept for the evaluate stage's table of
-sample predictions.
+it depends on the quantized model, the tokenized splits and the `evaluate.*` keys it
+reads. Its answers and their per-example scores are kept for the evaluate stage,
+which pairs them with the fine-tuned model's example by example.
 """
 
 from pathlib import Path
@@ -11,11 +11,11 @@ from pathlib import Path
 from qlora.models import load_model
 from qlora.outputs import log, write_json
 from qlora.params import load_params
-from qlora.scoring import completion_loss, generate_answers, task_metrics
+from qlora.scoring import answer_budget, completion_loss, generate_answers, resolve_task, task_scores
 from qlora.splits import load_split
 
 BASE_ANSWERS = "base_answers.json"  # under paths.metrics
-PARAMS = ["evaluate.batch_size", "evaluate.max_new_tokens",
+PARAMS = ["evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens", "data.labels",
           "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.metrics"]
 
 
@@ -24,19 +24,21 @@ def main():
 
     p = load_params(PARAMS)
     e = p.evaluate
+    task = resolve_task(e.task, p.data.labels)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     test = load_split(p.paths.tokenized, "test")
+    max_new_tokens = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
     model = load_model(p.paths.quantized)
 
     loss = completion_loss(model, test, e.batch_size)
-    answers = generate_answers(model, tokenizer, test, e.batch_size, e.max_new_tokens)
-    task, labels = task_metrics(answers, test["completion"])
-    metrics = dict(test_loss=loss["loss"], test_perplexity=loss["perplexity"],
-                   test_accuracy=task["accuracy"], test_macro_f1=task["macro_f1"])
-    write_json(Path(p.paths.metrics) / BASE_ANSWERS, [dict(answer=a, label=x) for a, x in zip(answers, labels)])
+    answers = generate_answers(model, tokenizer, test, e.batch_size, max_new_tokens)
+    scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
+    metrics = dict(task=task, max_new_tokens=max_new_tokens, test_loss=loss["loss"],
+                   test_perplexity=loss["perplexity"], **{f"test_{k}": v for k, v in scores.items()})
+    write_json(Path(p.paths.metrics) / BASE_ANSWERS, [dict(answer=a, **row) for a, row in zip(answers, rows)])
     write_json(Path(p.paths.metrics) / "evaluate_base.json", metrics)
-    log(f"base model: test loss {metrics['test_loss']}, accuracy {metrics['test_accuracy']}, "
-        f"macro F1 {metrics['test_macro_f1']}")
+    log(f"base model ({task}, up to {max_new_tokens} new tokens): test loss {metrics['test_loss']}, "
+        + ", ".join(f"{k} {v}" for k, v in scores.items()))
 
 
 if __name__ == "__main__":

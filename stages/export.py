@@ -13,9 +13,14 @@ Checked on held-out test examples and written to metrics/export.json:
   vs the quantized base plus adapter as trained and evaluated (`float32_max_abs_logit_diff`,
   `float32_argmax_agreement`: the same before the cast, so what the compute dtype alone
   accounts for);
-- `answer_agreement`, `test_accuracy`: the exported model's greedy answers on the whole test
-  split against the adapter's (metrics/predictions.json) and its accuracy against the adapter's.
-The model card (README.md) records the base model, data version, params and metrics.
+- `test_loss`, and the task metric (`test_accuracy` for classification, `test_chrf` for
+  generation), of the exported model on the whole test split beside the adapter's from the
+  evaluate stage, and `answer_agreement`: the share of its greedy answers identical to the
+  adapter's (metrics/predictions.json).
+The stage fails, writing nothing, when the test loss differs from the adapter's by more than
+`export.loss_tolerance` or the task metric by more than `export.metric_tolerance`; the
+message gives the figures. The model card (README.md) records the base model, data version,
+params and metrics.
 """
 
 import json
@@ -26,11 +31,11 @@ import yaml
 from qlora.models import is_quantized, load_model
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import load_params
-from qlora.scoring import generate_answers, task_metrics
+from qlora.scoring import PRIMARY, answer_budget, completion_loss, generate_answers, resolve_task, task_scores
 from qlora.splits import load_split
 
 PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
-          "evaluate.batch_size", "evaluate.max_new_tokens",
+          "evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens",
           "paths.raw", "paths.prepared", "paths.quantized", "paths.tokenizer", "paths.tokenized",
           "paths.adapter", "paths.export", "paths.metrics"]
 
@@ -69,6 +74,19 @@ def compare(outputs, references):
         argmax_agreement=round(sum((o.argmax(-1) == r.argmax(-1)).sum().item() for o, r in zip(outputs, references))
                                / sum(len(r) for r in references), 4),
     )
+
+
+def hold_to_tolerance(check, primary, x):
+    """Refuse an export that does not score what the adapter scored on the same test prompts."""
+    loss_diff = abs(check["test_loss"] - check["adapter_test_loss"])
+    metric_diff = abs(check[f"test_{primary}"] - check[f"adapter_test_{primary}"])
+    if loss_diff > x.loss_tolerance or metric_diff > x.metric_tolerance:
+        raise SystemExit(
+            f"export: the merged model does not score what the adapter scored on test: loss {check['test_loss']} "
+            f"vs {check['adapter_test_loss']} (difference {loss_diff:.4f}, export.loss_tolerance "
+            f"{x.loss_tolerance}), {primary} {check[f'test_{primary}']} vs {check[f'adapter_test_{primary}']} "
+            f"(difference {metric_diff:.4f}, export.metric_tolerance {x.metric_tolerance}); same answer on "
+            f"{check['answer_agreement']:.1%} of test. Nothing was exported.")
 
 
 def data_version(p):
@@ -147,14 +165,20 @@ def main():
                  float32_argmax_agreement=floor["argmax_agreement"],
                  **compare(logits(model, examples), reference))
 
-    # The task on the whole test split, against the adapter's answers from the evaluate stage.
-    answers = generate_answers(model, tokenizer, test, p.evaluate.batch_size, p.evaluate.max_new_tokens)
-    task, _ = task_metrics(answers, test["completion"])
+    # The test loss and the task on the whole test split, against the adapter's from the evaluate stage.
+    e = p.evaluate
+    task = resolve_task(e.task, p.data.labels)
+    budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
+    answers = generate_answers(model, tokenizer, test, e.batch_size, budget)
+    scores, _ = task_scores(task, answers, test["completion"], p.data.labels)
+    primary = PRIMARY[task]
     check.update(
         answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, predictions)) / len(answers), 4),
-        test_accuracy=task["accuracy"],
-        adapter_test_accuracy=metrics["test_accuracy"],
+        test_loss=completion_loss(model, test, e.batch_size)["loss"],
+        adapter_test_loss=metrics["test_loss"],
+        **{f"test_{primary}": scores[primary], f"adapter_test_{primary}": metrics[f"test_{primary}"]},
     )
+    hold_to_tolerance(check, primary, p.export)
 
     params = {"base": vars(p.base), "data": vars(p.data), "tokenize": vars(p.tokenize),
               "quantize": vars(p.quantize), "lora": vars(p.lora), "train": vars(p.train)}
@@ -167,8 +191,8 @@ def main():
     log(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
         f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
         f"argmax agreement {check['argmax_agreement']}, merge error {check['merge_max_abs_diff']}; "
-        f"same answer on {check['answer_agreement']:.1%} of test, accuracy {check['test_accuracy']} "
-        f"(adapter {check['adapter_test_accuracy']})")
+        f"test loss {check['test_loss']} (adapter {check['adapter_test_loss']}), same answer on "
+        f"{check['answer_agreement']:.1%} of test")
 
 
 if __name__ == "__main__":

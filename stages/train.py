@@ -164,6 +164,20 @@ def mean_logged_loss(log_history):
     return total / previous
 
 
+def last_step_callback():
+    """Logs and evaluates at the last optimizer step too, whatever logging_steps and eval_steps say:
+    a short run (max_steps 4, logging every 5) still has a loss to report, and the val curve ends
+    where training ended."""
+    from transformers import TrainerCallback
+
+    class LastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = control.should_evaluate = True
+
+    return LastStep()
+
+
 def finite_loss_callback():
     """Stops the run at the first logged non-finite loss or grad norm (the stock Trainer goes on)."""
     from transformers import TrainerCallback
@@ -301,7 +315,7 @@ def main():
         restore_live(resume, live_dir)
         log(f"resuming from {resume} (step {step_of(resume)} of a run with the same params and data)")
     throughput = tokens_per_second_callback()
-    callbacks = [finite_loss_callback(), throughput]
+    callbacks = [last_step_callback(), finite_loss_callback(), throughput]
     if main_process:  # only the main process writes curves; the others never touch metrics/
         callbacks.append(live_callback(live_dir, resume=bool(resume)))
         if p.train.checkpoint_steps:

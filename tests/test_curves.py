@@ -42,13 +42,19 @@ def test_evaluate_reports_overfitting_and_task_metrics(reproduced_project):
     assert m["last_val_loss"] == round(val["loss"].iloc[-1], 4) and m["last_val_step"] == 3
     assert m["gap"] == round(m["val_loss"] - m["train_loss"], 4)
     assert m["gap_ratio"] == round(m["val_loss"] / m["train_loss"], 3)
-    for key in ("test_macro_f1", "base_test_macro_f1", "macro_f1_gain", "accuracy_gain", "overfitting"):
+    for key in ("test_macro_f1", "base_test_macro_f1", "macro_f1_gain", "accuracy_gain", "overfitting",
+                "test_answered", "base_test_answered"):
         assert key in m
     rows = json.loads((p / "metrics/predictions.json").read_text())
     test_size = json.loads((p / "metrics/prepare.json").read_text())["test_examples"]
-    assert len(rows) == test_size and {"input", "expected", "base_answer", "answer"} <= set(rows[0])
-    accuracy = sum(r["label"] == r["expected"] for r in rows) / len(rows)
-    assert m["test_accuracy"] == round(accuracy, 4), "the table and the metric agree"
+    assert len(rows) == test_size
+    assert {"input", "expected", "base_answer", "base_label", "base_correct", "answer", "label", "correct"} <= set(rows[0])
+    for prefix in ("", "base_"):  # each model's per-example scores add up to its metrics
+        assert m[f"{prefix}test_accuracy"] == round(sum(r[f"{prefix}correct"] for r in rows) / len(rows), 4)
+        assert m[f"{prefix}test_answered"] == round(sum(r[f"{prefix}label"] is not None for r in rows) / len(rows), 4)
+    assert all(r["correct"] == (r["label"] == r["expected"]) for r in rows)
+    confusion = json.loads((p / "metrics/confusion.json").read_text())
+    assert [c["expected"] for c in confusion] == [r["expected"] for r in rows]
     table = (p / "metrics/predictions.md").read_text()
     assert "| input | expected | base answer | fine-tuned answer |" in table
     assert table.count("\n| ") == 1 + min(len(rows), 24)  # header + evaluate.samples rows
@@ -63,17 +69,6 @@ def test_val_curve_summary_flags_a_rise_past_the_threshold(tmp_path):
     assert (s["last_val_loss"], s["last_val_step"], s["val_loss_rise_pct"]) == (1.1, 40, 10.0)
     assert s["overfitting"] is True
     assert val_curve_summary(curve, 20, rise_threshold_pct=12)["overfitting"] is False
-
-
-def test_macro_f1_module_loads_offline_and_matches_hand_computation():
-    from qlora.scoring import task_metrics
-
-    references = ["a", "a", "a", "b", "c", "c"]
-    answers = ["a", "It is a.", "b", "b", "nonsense", "c"]
-    metrics, labels = task_metrics(answers, references)
-    assert labels == ["a", "a", "b", "b", "nonsense", "c"]
-    # per class F1: a 2*2/(2*2+0+1)=0.8, b 2*1/(2+1+0)=0.667, c 2*1/(2+0+1)=0.667; "nonsense" is not a class
-    assert metrics == {"accuracy": round(4 / 6, 4), "macro_f1": round((0.8 + 2 / 3 + 2 / 3) / 3, 4)}
 
 
 def test_shown_inputs_drop_the_shared_instruction_lines():

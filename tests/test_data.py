@@ -83,7 +83,7 @@ def test_default_data_is_stratified_by_label(workdir):
 @pytest.mark.parametrize("setup,message", [
     (lambda d: None, "raw data file not found"),
     (lambda d: (d / "own.jsonl").write_text(""), "raw data file is empty"),
-    (lambda d: (d / "own.jsonl").write_text('{"question": "q", "reply": "a"}\n'), "missing field 'answer'"),
+    (lambda d: (d / "own.jsonl").write_text('{"question": "q", "reply": "a"}\n'), "no row has the field 'answer' that params.yaml data.completion_field names"),
     (lambda d: (d / "own.jsonl").write_text("not json\n"), "cannot be read as jsonl"),
 ])
 def test_bad_raw_data_names_the_file(workdir, setup, message):
@@ -158,3 +158,86 @@ def test_a_file_that_is_not_what_its_extension_says(workdir):
     use_file(workdir, "own.jsonl")
     with pytest.raises(SystemExit, match=r"own.jsonl: cannot be read as jsonl"):
         prepare()
+
+
+def write_chat(path, n=30, turns=1):
+    """A messages JSONL: `turns` user/assistant exchanges per row, the last answer the completion."""
+    rows = []
+    for i in range(n):
+        messages = []
+        for t in range(turns):
+            messages += [dict(role="user", content=f"row {i} question {t}"), dict(role="assistant", content=f"answer {i}.{t}")]
+        rows.append(dict(messages=messages))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_chat_data_in_one_edit_reads_no_prompt_or_completion_field(workdir):
+    # Only the data keys a user edits; the demo's completion_field, prompt_template and
+    # max_per_label stay as shipped and are not read.
+    write_chat(workdir / "chat.jsonl", n=100, turns=2)
+    set_params(workdir / "params.yaml", {"paths.raw": "chat.jsonl", "data.messages_field": "messages",
+                                         "data.labels": []})
+    splits = prepare()
+    examples = [json.loads(line) for text in splits.values() for line in text.splitlines()]
+    assert len(examples) == 100, "max_per_label caps labels only: nothing is cut from free-form data"
+    ex = examples[0]
+    i = int(ex["completion"].split()[1].split(".")[0])
+    assert ex["completion"] == f"answer {i}.1", "the last assistant turn is the completion"
+    assert [m["content"] for m in ex["messages"]] == [f"row {i} question 0", f"answer {i}.0", f"row {i} question 1"]
+    labels = json.loads((workdir / "metrics/labels.json").read_text())
+    assert labels == {"train": {}, "val": {}, "test": {}}, "no label mix without labels"
+
+
+def test_chat_data_from_parquet_and_csv(workdir):
+    write_chat(workdir / "chat.jsonl", n=20)
+    frame = pd.read_json(workdir / "chat.jsonl", lines=True)
+    frame.to_parquet(workdir / "chat.parquet")  # the turns come back as arrays of structs
+    frame.assign(messages=frame["messages"].map(json.dumps)).to_csv(workdir / "chat.csv", index=False)  # JSON text
+    for name in ("chat.parquet", "chat.csv"):
+        set_params(workdir / "params.yaml", {"paths.raw": name, "data.messages_field": "messages", "data.labels": []})
+        assert sum(len(s.splitlines()) for s in prepare().values()) == 20, name
+
+
+def test_labels_written_as_numbers_are_labels(workdir):
+    rows = [dict(name=f"tool{i}", text=f"does thing {i}", section=[1, 2, 8][i % 3]) for i in range(60)]
+    pd.DataFrame(rows).to_csv(workdir / "man.csv", index=False)
+    set_params(workdir / "params.yaml", {"paths.raw": "man.csv", "data.completion_field": "section",
+                                         "data.prompt_template": "Manual section of {name}: {text}. One of {labels}.",
+                                         "data.labels": [1, 8], "data.max_per_label": 10})
+    splits = prepare()
+    examples = [json.loads(line) for text in splits.values() for line in text.splitlines()]
+    assert {ex["completion"] for ex in examples} == {"1", "8"} and len(examples) == 20
+    assert "One of 1, 8." in examples[0]["messages"][0]["content"]
+
+
+def test_chat_data_with_the_demo_labels_names_the_key_and_the_answers_found(workdir):
+    write_chat(workdir / "chat.jsonl")
+    set_params(workdir / "params.yaml", {"paths.raw": "chat.jsonl", "data.messages_field": "messages"})
+    with pytest.raises(SystemExit) as err:
+        prepare()
+    message = str(err.value)
+    assert "chat.jsonl" in message and "data.labels" in message and "'answer 0.0' (1)" in message
+    assert "[] for free-form answers" in message
+
+
+def test_a_field_no_row_has_names_the_key_and_the_fields_there(workdir):
+    write_chat(workdir / "chat.jsonl")
+    set_params(workdir / "params.yaml", {"paths.raw": "chat.jsonl", "data.messages_field": "conversation",
+                                         "data.labels": []})
+    with pytest.raises(SystemExit, match=r"no row has the field 'conversation' that params.yaml "
+                                         r"data.messages_field names; the file has: messages"):
+        prepare()
+
+
+def test_rows_whose_messages_are_not_chat_turns_are_malformed(workdir):
+    write_chat(workdir / "chat.jsonl", n=20)
+    lines = (workdir / "chat.jsonl").read_text().splitlines()
+    lines[3] = json.dumps({"messages": "just text"})
+    lines[4] = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    (workdir / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    set_params(workdir / "params.yaml", {"paths.raw": "chat.jsonl", "data.messages_field": "messages",
+                                         "data.labels": []})
+    with pytest.raises(SystemExit) as err:
+        prepare()
+    assert "2 malformed rows" in str(err.value) and "row 4: field 'messages' is not a list of chat turns" in str(err.value)
+    assert "row 5: field 'messages' does not end with an assistant turn" in str(err.value)

@@ -87,3 +87,14 @@ def test_plots_read_the_curves_the_train_stage_writes():
     files = {f for plot in DVC_YAML["plots"] for spec in plot.values() for f in spec["y"]}
     assert files and all(f.startswith(live + "plots/metrics/") for f in files)
     assert f"{PARAMS['paths']['metrics']}/{evaluate.VAL_CURVE}" in files, "the val curve plotted is the one scored"
+
+
+def test_validate_reads_all_of_params_and_runs_before_every_stage():
+    """A bad value must stop the run before any stage deletes its outputs (stages/validate.py)."""
+    from stages.validate import VALIDATED
+
+    assert set(DVC["validate"]["params"]) == set(PARAMS), "every section of params.yaml"
+    validate_out = next(iter(DVC["validate"]["outs"][0]))
+    assert validate_out == "${paths.metrics}/" + VALIDATED and DVC["validate"]["outs"][0][validate_out]["persist"]
+    for name, stage in DVC.items():
+        assert name == "validate" or validate_out in stage["deps"], name

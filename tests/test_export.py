@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import repro, set_params
+from conftest import repro, run, set_params
 
 # The exported model against the 4-bit base plus adapter, on held-out test prompts. The
 # reference computes in bf16 (quantize.compute_dtype), so most of the difference is its own
@@ -86,7 +86,18 @@ def test_model_card_records_base_data_params_and_metrics(reproduced_project):
 def test_float32_export_is_the_unmerged_float32_model(tiny_project):
     p = tiny_project
     set_params(p / "params.yaml", {"export.dtype": "float32"})
-    assert repro(p) == {"export"}
+    assert repro(p) == {"validate", "export"}
     check = json.loads((p / "metrics/export.json").read_text())
     assert check["dtype"] == "float32"
     assert check["max_abs_logit_diff"] == pytest.approx(check["float32_max_abs_logit_diff"], abs=1e-4)
+
+
+def test_an_export_that_does_not_score_what_the_adapter_scored_is_refused(tiny_project):
+    p = tiny_project
+    set_params(p / "params.yaml", {"export.loss_tolerance": 1e-9, "export.metric_tolerance": 0.0})
+    result = run(["dvc", "repro", "export"], p, check=False)
+    assert result.returncode != 0
+    message = result.stderr
+    assert "export: the merged model does not score what the adapter scored on test: loss" in message, message[-2000:]
+    assert "export.loss_tolerance 1e-09" in message and "Nothing was exported" in message
+    assert not (p / "models/export").exists(), "no output written"

@@ -161,3 +161,44 @@ def test_params_never_reach_a_shell(tiny_project, key, value, expected):
     result = run(["dvc", "exp", "run", "-S", f"{key}='{value}'"], p, check=False)  # quoted: one string
     assert not list(p.rglob("PWNED")) and not os.path.exists("PWNED"), "nothing ran"
     assert result.returncode != 0 and expected in result.stdout + result.stderr
+
+
+def snapshot(project):
+    """What a user sees of their results: git's and DVC's status, and every tracked output's bytes."""
+    files = sorted(f for d in ("metrics", "models", "data") for f in (project / d).rglob("*") if f.is_file())
+    return (run(["git", "status", "--porcelain"], project).stdout, run(["dvc", "status", "--json"], project).stdout,
+            {f.relative_to(project).as_posix(): f.read_bytes() for f in files})
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"paths.raw": "data/raw/missing.csv"}, "data/raw/missing.csv"),  # DVC: "No such file or directory"
+    ({"lora.rank": 16}, "params.yaml: unknown key lora.rank"),
+    ({"data.labels": ["nope"]}, "params.yaml data.labels keeps rows whose answer"),
+    ({"train.distributed": "nope", "train.processes": 2}, "accelerate/nope.yaml does not exist"),
+])
+def test_a_bad_value_leaves_the_last_good_results_as_they_were(tiny_project, change, message):
+    p = tiny_project
+    set_params(p / "params.yaml", change)
+    before = snapshot(p)
+    result = run(["dvc", "repro"], p, check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr, result.stderr[-2000:]
+    assert snapshot(p) == before, "git status, dvc status and every output as they were"
+
+
+def test_a_failed_exp_run_keeps_the_outputs_and_apply_restores_params(tiny_project):
+    p = tiny_project
+    outputs = snapshot(p)[2]
+    result = run(["dvc", "exp", "run", "-S", "paths.raw=data/raw/missing.csv"], p, check=False)
+    assert result.returncode != 0
+    assert snapshot(p)[2] == outputs, "the prepared data, metrics and adapter are all still there"
+    run(["git", "checkout", "params.yaml"], p)  # the documented way back
+    assert run(["dvc", "status", "--json"], p).stdout.strip() == "{}"
+
+
+def test_a_run_shorter_than_logging_steps_still_logs_and_saves(tiny_project):
+    p = tiny_project
+    set_params(p / "params.yaml", {"train.max_steps": 4, "train.logging_steps": 5, "train.eval_steps": 3})
+    run(["dvc", "repro", "train"], p)
+    assert [s for s, _ in curve(p, "train/loss")] == [4], "the last step is logged"
+    assert [s for s, _ in curve(p, "eval/loss")] == [0, 3, 4], "and evaluated: the val curve ends where training did"
+    assert metrics(p, "train")["steps"] == 4 and (p / "models/adapter/adapter_model.safetensors").exists()

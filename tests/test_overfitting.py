@@ -47,7 +47,7 @@ def test_training_too_long_is_flagged_as_overfitting(overfit_project):
 def test_early_stopping_stops_and_keeps_the_best_adapter(overfit_project):
     p = overfit_project
     out = run(["dvc", "exp", "run", "-S", "train.early_stopping_patience=3"], p)
-    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"train", "evaluate", "export"}
+    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"validate", "train", "evaluate", "export"}
     m, t = metrics(p, "evaluate"), metrics(p, "train")
     assert t["stopped_early"] is True and t["stopped_at_step"] < 160
     assert t["best_step"] == m["best_val_step"], "the trainer's best is the curve's best"

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import repro, run, set_params
 
-ALL = {"base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate", "export"}
+ALL = {"validate", "base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate", "export"}
 
 
 def test_reproduced_pipeline_writes_every_output(reproduced_project):
@@ -45,11 +45,15 @@ def test_stage_skip_matrix(tiny_project):
         ({"quantize.quant_type": "fp4"}, {"quantize", "train", "evaluate_base", "evaluate", "export"}),
         ({"tokenize.max_length": shorter}, {"tokenize", "train", "evaluate_base", "evaluate", "export"}),
         ({"data.seed": 7}, {"prepare", "tokenize", "train", "evaluate_base", "evaluate", "export"}),
+        ({"evaluate.task": "generation"}, {"evaluate_base", "evaluate", "export"}),
+        ({"evaluate.samples": 3}, {"evaluate"}),
         ({"export.dtype": "float32"}, {"export"}),
     ]
     for change, expected in cases:
         set_params(p / "params.yaml", change)
-        assert repro(p) == expected, change
+        # validate reads the whole params file: it runs on every change and, its output unchanged,
+        # triggers nothing by itself.
+        assert repro(p) == {"validate"} | expected, change
 
     (p / "README.md").write_text("edited\n")
     assert repro(p) == set()
@@ -58,7 +62,7 @@ def test_stage_skip_matrix(tiny_project):
 def test_exp_run_set_param_reruns_train_only(tiny_project):
     p = tiny_project
     out = run(["dvc", "exp", "run", "-S", "lora.r=16"], p)
-    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"train", "evaluate", "export"}
+    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"validate", "train", "evaluate", "export"}
     table = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
     shown = json.dumps(table)
     assert '"r": 16' in shown and "test_accuracy" in shown
@@ -92,7 +96,7 @@ def test_each_quantization_trains_an_adapter(tiny_project, change):
     # little; the real default test checks the 4-bit footprint against bf16.
     p = tiny_project
     set_params(p / "params.yaml", change)
-    assert repro(p) == {"quantize", "train", "evaluate_base", "evaluate", "export"}
+    assert repro(p) == {"validate", "quantize", "train", "evaluate_base", "evaluate", "export"}
     quantize = json.loads((p / "metrics/quantize.json").read_text())
     assert quantize["bits"] == change.get("quantize.bits", 4)
     assert json.loads((p / "metrics/train.json").read_text())["steps"] == 3

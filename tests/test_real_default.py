@@ -19,7 +19,7 @@ def test_real_default_pipeline_reduced(tmp_path):
         "train.batch_size": 4,
         "train.logging_steps": 1,
     })
-    assert repro(project) == {"base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate", "export"}
+    assert repro(project) == {"validate", "base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate", "export"}
 
     quantize = json.loads((project / "metrics/quantize.json").read_text())
     assert quantize["layers"] == 30 and quantize["hidden_size"] == 576 and quantize["heads"] == 9
