@@ -128,6 +128,27 @@ def reproduced_project(tmp_path_factory, tiny_model_dir):
     return project, ran
 
 
+# The one reduced run of the real default (the bundled SmolLM2-135M, 4-bit NF4, the Debian data):
+# 16 train examples, 20 epochs at a constant rate. The pretrained model learns the task within a
+# few epochs (val loss 5.6 -> 0.15), then memorises the train split (train loss -> 0.0005) while
+# the val loss climbs for the rest of the run (measured: +33% by the end). Real overfitting, by a
+# margin no CPU's rounding can eat, for tests/test_overfitting.py; tests/test_real_default.py
+# checks the real path (GGUF, bitsandbytes on this CPU, trainer, generation, export) on the same run.
+REAL_EVAL_STEPS = 8
+REAL_OVERRIDES = {
+    "data.max_per_label": 4,  # 8 labels: 16 train, 8 val, 8 test
+    "train.epochs": 20, "train.max_steps": -1, "train.batch_size": 4,  # 80 steps
+    "train.lr_scheduler": "constant", "train.warmup_ratio": 0.0, "lora.dropout": 0.0,
+    "train.eval_steps": REAL_EVAL_STEPS, "train.logging_steps": 4, "train.checkpoint_steps": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def real_project(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("real") / "project", REAL_OVERRIDES)
+    return project, repro(project)
+
+
 @pytest.fixture
 def tiny_project(tmp_path, reproduced_project):
     """A private copy of the reproduced project, for a test to change."""

@@ -1,57 +1,52 @@
-"""A tiny model trained far too long on a tiny set overfits, the metrics say so, and early
-stopping stops it and keeps the best adapter. Real DVC, real trainer, tiny model."""
+"""Trained far too long on a tiny split, the real model overfits, the metrics say so, and early
+stopping stops it and keeps the best adapter. Real DVC, real trainer, the reduced real default
+(conftest.REAL_OVERRIDES: 16 train examples, 20 epochs)."""
 
 import json
 import re
+import shutil
 
 import pandas as pd
 import pytest
 
-from conftest import make_project, repro, run
+from conftest import REAL_EVAL_STEPS, run
 
-EVAL_STEPS = 10
-OVERFIT = {
-    "data.max_per_label": 4,  # 16 train and 5 val examples: easy to memorise, nothing to generalise from
-    "train.epochs": 40, "train.max_steps": -1, "train.batch_size": 4,
-    "train.learning_rate": 1.0e-2, "train.lr_scheduler": "constant", "train.warmup_ratio": 0.0,
-    "train.eval_steps": EVAL_STEPS, "train.logging_steps": 5,
-    "lora.dropout": 0.0, "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "evaluate.max_new_tokens": 3, "evaluate.overfitting_rise_pct": 2.0,
-}
-
-
-@pytest.fixture(scope="module")
-def overfit_project(tmp_path_factory, tiny_model_dir):
-    project = make_project(tmp_path_factory.mktemp("overfit") / "project",
-                           {**OVERFIT, "base.source": "local", "base.path": str(tiny_model_dir)})
-    repro(project)
-    return project
+STEPS = 80  # 16 examples / batch 4 x 20 epochs
 
 
 def metrics(project, name):
     return json.loads((project / f"metrics/{name}.json").read_text())
 
 
-def test_training_too_long_is_flagged_as_overfitting(overfit_project):
-    p = overfit_project
+def test_training_too_long_is_flagged_as_overfitting(real_project):
+    p, _ = real_project
     m, t = metrics(p, "evaluate"), metrics(p, "train")
     val = pd.read_csv(p / "metrics/live/plots/metrics/eval/loss.tsv", sep="\t")
-    assert val["loss"].iloc[0] > m["best_val_loss"], "the val loss first falls"
-    assert m["best_val_step"] < m["last_val_step"] == t["steps"] == 160
-    assert m["last_val_loss"] > m["best_val_loss"] and m["val_loss_rise_pct"] > 2.0
-    assert m["overfitting"] is True
-    assert m["gap"] > 1.0 and m["gap_ratio"] > 1.2, "the model fits train far better than val"
+    assert val["loss"].iloc[0] > 10 * m["best_val_loss"], "the val loss first falls: the task is learned"
+    assert m["best_val_step"] < m["last_val_step"] == t["steps"] == STEPS
+    # The rise after the best is a trend, not noise: measured +33%, flagged above 5% (the default).
+    assert m["val_loss_rise_pct"] > 10 and m["overfitting"] is True
+    after_best = val[val["step"] >= m["best_val_step"]]["loss"]
+    assert after_best.iloc[-1] == pytest.approx(after_best.max(), rel=0.1), "still high at the end"
+    assert m["train_loss"] < 0.1 * m["val_loss"] and m["gap"] > 0.05, "train memorised, val not"
     assert t["stopped_early"] is False
 
 
-def test_early_stopping_stops_and_keeps_the_best_adapter(overfit_project):
-    p = overfit_project
+@pytest.fixture
+def real_copy(tmp_path, real_project):
+    dest = tmp_path / "project"
+    shutil.copytree(real_project[0], dest, symlinks=True)
+    return dest
+
+
+def test_early_stopping_stops_and_keeps_the_best_adapter(real_copy):
+    p = real_copy
     out = run(["dvc", "exp", "run", "-S", "train.early_stopping_patience=3"], p)
     assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"validate", "train", "evaluate", "export"}
     m, t = metrics(p, "evaluate"), metrics(p, "train")
-    assert t["stopped_early"] is True and t["stopped_at_step"] < 160
+    assert t["stopped_early"] is True and t["stopped_at_step"] < STEPS
     assert t["best_step"] == m["best_val_step"], "the trainer's best is the curve's best"
-    assert t["stopped_at_step"] == m["last_val_step"] == t["best_step"] + 3 * EVAL_STEPS, "3 evaluations of patience"
+    assert t["stopped_at_step"] == m["last_val_step"] == t["best_step"] + 3 * REAL_EVAL_STEPS, "3 evaluations of patience"
     assert m["last_val_loss"] > m["best_val_loss"]
     # The saved adapter is the best one: its val loss (measured again by the evaluate stage)
     # is the best point of the curve, not the last.

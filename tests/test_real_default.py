@@ -1,25 +1,18 @@
 """One reduced run of the real default: the bundled SmolLM2-135M, 4-bit NF4, the Debian data.
 
-A few dozen examples and a few steps, through `dvc repro` in a temporary repo, so the
-real path (GGUF to safetensors, bitsandbytes on this CPU, SFTTrainer, generation)
-cannot break unseen.
+A few dozen examples through `dvc repro` in a temporary repo (conftest.REAL_OVERRIDES), so the
+real path (GGUF to safetensors, bitsandbytes on this CPU, SFTTrainer, generation, export)
+cannot break unseen. The same run is trained long enough to overfit: tests/test_overfitting.py.
 """
 
 import json
 
 from safetensors import safe_open
 
-from conftest import make_project, repro
 
-
-def test_real_default_pipeline_reduced(tmp_path):
-    project = make_project(tmp_path / "real", {
-        "data.max_per_label": 5,   # 8 labels: 24 train, 8 val, 8 test
-        "train.max_steps": 3,
-        "train.batch_size": 4,
-        "train.logging_steps": 1,
-    })
-    assert repro(project) == {"validate", "base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate", "export"}
+def test_real_default_pipeline_reduced(real_project):
+    project, ran = real_project
+    assert ran == {"validate", "base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate", "export"}
 
     quantize = json.loads((project / "metrics/quantize.json").read_text())
     assert quantize["layers"] == 30 and quantize["hidden_size"] == 576 and quantize["heads"] == 9
@@ -29,15 +22,21 @@ def test_real_default_pipeline_reduced(tmp_path):
     with safe_open(project / "models/base/model.safetensors", "pt") as f:
         assert "model.layers.29.mlp.down_proj.weight" in f.keys()
     train = json.loads((project / "metrics/train.json").read_text())
-    assert train["steps"] == 3 and train["tokens_per_second"] > 0
+    assert train["steps"] == 80 and train["tokens_per_second"] > 0
     assert 0 < train["trainable_fraction"] < 0.02
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
-    assert 0 <= evaluation["test_accuracy"] <= 1 and evaluation["test_loss"] > 0
-    assert evaluation["base_test_accuracy"] == json.loads(
-        (project / "metrics/evaluate_base.json").read_text())["test_accuracy"]
+    base = json.loads((project / "metrics/evaluate_base.json").read_text())
+    assert base["task"] == "classification" and evaluation["base_test_accuracy"] == base["test_accuracy"]
+    # The pretrained model learns the format and most of the task from 16 examples (measured:
+    # accuracy 0.875, every answer a label); the base model, asked the same, echoes the prompt.
+    assert evaluation["test_answered"] == 1.0 and evaluation["test_accuracy"] >= 0.5
+    assert evaluation["test_answered"] > evaluation["base_test_answered"]
+    assert evaluation["test_loss"] < 0.2 * evaluation["base_test_loss"]
     export = json.loads((project / "metrics/export.json").read_text())
-    # Stated tolerance, bf16 export vs the 4-bit base + adapter (README, "Export"): the
-    # full default measured a max |logit diff| of 1.84, 97.9% same next token.
+    # Stated tolerance, bf16 export vs the 4-bit base + adapter (README, "Export").
     assert export["merge_max_abs_diff"] < 1e-3
     assert export["max_abs_logit_diff"] <= 1.5 * export["float32_max_abs_logit_diff"]
-    assert export["max_abs_logit_diff"] < 3.0 and export["argmax_agreement"] >= 0.95
+    # Near-tied next tokens flip between bf16 kernels (measured 0.96 on 8 test examples); the
+    # stage itself holds the test loss and accuracy to export.*_tolerance.
+    assert export["max_abs_logit_diff"] < 3.0 and export["argmax_agreement"] >= 0.9
+    assert abs(export["test_loss"] - export["adapter_test_loss"]) <= 0.05
