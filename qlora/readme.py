@@ -43,10 +43,10 @@ BLOCKS = {"default-scores": default_scores}
 
 def render(text):
     for name, make in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- begin {name} \(python -m qlora.readme\) -->\n).*?(\n<!-- end {name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- begin {name} \(python -m qlora.readme\) -->\n)(?:.*?\n)?(<!-- end {name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md: no block {name!r} between its markers")
-        text = pattern.sub(lambda m: m.group(1) + make() + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
     return text
 
 
