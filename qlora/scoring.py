@@ -66,6 +66,7 @@ def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens):
 
 TASKS = ("classification", "generation")
 PRIMARY = {"classification": "accuracy", "generation": "chrf"}  # the metric the export check holds to
+PER_EXAMPLE = {"accuracy": "correct", "chrf": "chrf"}  # its score of one answer, in predictions.json
 
 
 def resolve_task(task, labels):
@@ -168,3 +169,14 @@ def task_scores(task, answers, references, labels=()):
     if task == "classification":
         return classification_scores(answers, references, labels)
     return generation_scores(answers, references)
+
+
+def paired_interval(before, after, resamples=2000, seed=0):
+    """95% percentile-bootstrap interval of mean(after - before) over examples scored twice, the same
+    resampled examples for both (paired): how far the difference could be luck of the test split."""
+    import numpy as np
+
+    deltas = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = deltas[rng.integers(0, len(deltas), size=(resamples, len(deltas)))].mean(axis=1)
+    return round(float(np.quantile(means, 0.025)), 4), round(float(np.quantile(means, 0.975)), 4)

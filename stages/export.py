@@ -15,11 +15,12 @@ Checked on held-out test examples and written to metrics/export.json:
   accounts for);
 - `test_loss`, and the task metric (`test_accuracy` for classification, `test_chrf` for
   generation), of the exported model on the whole test split beside the adapter's from the
-  evaluate stage, and `answer_agreement`: the share of its greedy answers identical to the
+  evaluate stage, with the paired 95% bootstrap interval of their difference over the test
+  examples, and `answer_agreement`: the share of its greedy answers identical to the
   adapter's (metrics/predictions.json).
 The stage fails, writing nothing, when the test loss differs from the adapter's by more than
-`export.loss_tolerance` or the task metric by more than `export.metric_tolerance`; the
-message gives the figures. The model card (README.md) records the base model, data version,
+`export.loss_tolerance`, or the task metric by more than `export.metric_tolerance` with an
+interval that excludes 0; the message gives the figures. The model card (README.md) records the base model, data version,
 params and metrics.
 """
 
@@ -31,7 +32,8 @@ import yaml
 from qlora.models import is_quantized, load_model
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import load_params
-from qlora.scoring import PRIMARY, answer_budget, completion_loss, generate_answers, resolve_task, task_scores
+from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, completion_loss, generate_answers, paired_interval,
+                           resolve_task, task_scores)
 from qlora.splits import load_split
 
 PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
@@ -77,15 +79,20 @@ def compare(outputs, references):
 
 
 def hold_to_tolerance(check, primary, x):
-    """Refuse an export that does not score what the adapter scored on the same test prompts."""
+    """Refuse an export that does not score what the adapter scored on the same test prompts: a test loss
+    further than export.loss_tolerance, or a task metric further than export.metric_tolerance by more
+    than noise. Answers that were near ties flip between the bf16 kernels of the two models, so a
+    metric difference counts only when its paired 95% interval excludes 0 as well."""
     loss_diff = abs(check["test_loss"] - check["adapter_test_loss"])
     metric_diff = abs(check[f"test_{primary}"] - check[f"adapter_test_{primary}"])
-    if loss_diff > x.loss_tolerance or metric_diff > x.metric_tolerance:
+    low, high = check[f"{primary}_diff_ci_low"], check[f"{primary}_diff_ci_high"]
+    if loss_diff > x.loss_tolerance or (metric_diff > x.metric_tolerance and not low <= 0 <= high):
         raise SystemExit(
             f"export: the merged model does not score what the adapter scored on test: loss {check['test_loss']} "
             f"vs {check['adapter_test_loss']} (difference {loss_diff:.4f}, export.loss_tolerance "
             f"{x.loss_tolerance}), {primary} {check[f'test_{primary}']} vs {check[f'adapter_test_{primary}']} "
-            f"(difference {metric_diff:.4f}, export.metric_tolerance {x.metric_tolerance}); same answer on "
+            f"(difference {metric_diff:.4f}, paired 95% interval [{low}, {high}], export.metric_tolerance "
+            f"{x.metric_tolerance}); same answer on "
             f"{check['answer_agreement']:.1%} of test. Nothing was exported.")
 
 
@@ -170,13 +177,15 @@ def main():
     task = resolve_task(e.task, p.data.labels)
     budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
     answers = generate_answers(model, tokenizer, test, e.batch_size, budget)
-    scores, _ = task_scores(task, answers, test["completion"], p.data.labels)
+    scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
     primary = PRIMARY[task]
+    low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in predictions], [r[PER_EXAMPLE[primary]] for r in rows])
     check.update(
         answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, predictions)) / len(answers), 4),
         test_loss=completion_loss(model, test, e.batch_size)["loss"],
         adapter_test_loss=metrics["test_loss"],
         **{f"test_{primary}": scores[primary], f"adapter_test_{primary}": metrics[f"test_{primary}"]},
+        **{f"{primary}_diff_ci_low": low, f"{primary}_diff_ci_high": high},  # export minus adapter, paired
     )
     hold_to_tolerance(check, primary, p.export)
 

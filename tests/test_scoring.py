@@ -88,3 +88,18 @@ def test_task_and_answer_budget():
     train = {"labels": [[-100, -100, 5, 6, 2], [-100, 7, 2]]}  # answers of 3 and 2 tokens, end of turn included
     assert answer_budget("auto", train) == 4 and answer_budget(12, train) == 12
     assert answer_budget("auto", {"labels": [[-100] + [1] * 40]}) == 50
+
+
+def test_paired_interval_separates_a_real_difference_from_flipped_near_ties():
+    from qlora.scoring import paired_interval
+
+    adapter = [1, 0] * 36  # 72 answers, half right
+    flipped = list(adapter)
+    for i in (0, 2, 4, 7):  # three right answers turned wrong and one wrong turned right: -2/72
+        flipped[i] = 1 - flipped[i]
+    low, high = paired_interval(adapter, flipped)
+    assert low < 0 < high, "a few flips either way are noise"
+    broken = [0] * 72  # a merge into the wrong weights: every right answer lost
+    low, high = paired_interval(adapter, broken)
+    assert high < -0.3 and low > -0.7
+    assert paired_interval(adapter, flipped) == paired_interval(adapter, flipped), "fixed seed"
