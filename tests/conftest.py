@@ -111,6 +111,13 @@ TINY_OVERRIDES = {
 }
 
 
+def locked_stages(project):
+    """dvc.lock's entries of the stages that produce results. `validate` is left out: a valid
+    change passes it and records it before a later stage fails or is killed, by design."""
+    stages = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {name: entry for name, entry in stages.items() if name != "validate"}
+
+
 def repro(project):
     """`dvc repro`, commit the result, and return the names of the stages that ran."""
     out = run(["dvc", "repro"], project)

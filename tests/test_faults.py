@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from conftest import make_project, repro, run, set_params, tiny_config
+from conftest import locked_stages, make_project, repro, run, set_params, tiny_config
 from qlora.checkpoints import newest_complete, step_of
 
 RESUMABLE = {"train.max_steps": 12, "train.checkpoint_steps": 4, "train.eval_steps": 4}
@@ -47,7 +47,7 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tiny_project, 
 
     p = tiny_project
     set_params(p / "params.yaml", RESUMABLE)
-    lock = (p / "dvc.lock").read_text()
+    lock = locked_stages(p)
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     first = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=p, env=env, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -60,7 +60,7 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tiny_project, 
     assert first.poll() is None, "training ended before it could be killed:\n" + first.stdout.read()[-2000:]
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert (p / "dvc.lock").read_text() == lock, "the killed run recorded nothing in dvc.lock"
+    assert locked_stages(p) == lock, "the killed run recorded nothing in dvc.lock"
     assert "train" in run(["dvc", "status"], p).stdout
 
     out = run(["dvc", "repro"], p)
