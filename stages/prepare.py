@@ -114,7 +114,7 @@ def bad_field(row, d):
     """Why a row's fields cannot be used (a list or mapping where text belongs, messages that are
     not chat turns ending with the assistant's), or None."""
     if d.messages_field:
-        turns = as_turns(row[d.messages_field])
+        turns = row[d.messages_field]
         if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and "role" in t and "content" in t
                                                           for t in turns)):
             return f"field {d.messages_field!r} is not a list of chat turns ({{role, content}})"
@@ -136,7 +136,7 @@ def read_hub(hub_id, split):
 def to_example(row, d):
     """One raw row to (prompt turns, completion); None fields make it an empty example."""
     if d.messages_field:
-        turns = as_turns(row[d.messages_field])
+        turns = row[d.messages_field]
         return [dict(role=t["role"], content=str(t["content"])) for t in turns[:-1]], str(turns[-1]["content"]).strip()
     if d.prompt_field:
         prompt = row[d.prompt_field]
@@ -182,6 +182,8 @@ def build_examples(rows, d, source):
             bad.append(row)
             continue
         missing = [f for f in fields_read(d) if f not in row]
+        if d.messages_field and not missing:
+            row[d.messages_field] = as_turns(row[d.messages_field])  # parsed once, for the checks and the example
         reason = f"missing field {missing[0]!r}" if missing else bad_field(row, d)
         if reason:
             bad.append(Bad(f"{source} row {i}: {reason}"))
