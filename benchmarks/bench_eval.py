@@ -37,7 +37,7 @@ def main():
     from qlora.models import load_model
     from qlora.params import parse_params
     from qlora.scoring import answer_budget, completion_loss, generate_answers
-    from qlora.splits import load_split
+    from qlora.splits import load_format, load_split
     from stages.export import dequantized
     from transformers import AutoTokenizer
 
@@ -48,6 +48,7 @@ def main():
     test = load_split(paths["tokenized"], "test").select(range(args.examples))
     b = p.evaluate.batch_size
     new = answer_budget(p.evaluate.max_new_tokens, load_split(paths["tokenized"], "train"))
+    stop_ids = load_format(paths["tokenized"])["stop_token_ids"]
 
     def four_bit(training_path):
         return PeftModel.from_pretrained(load_model(paths["quantized"], bnb_cpu_inference=not training_path),
@@ -65,7 +66,7 @@ def main():
             start = time.perf_counter()
             losses[name] = completion_loss(model, val, b)["loss"]
             middle = time.perf_counter()
-            answers[name] = generate_answers(model, tokenizer, test, b, new)
+            answers[name] = generate_answers(model, tokenizer, test, b, new, stop_ids)
             end = time.perf_counter()
             if rep:
                 times[name]["loss"].append(middle - start)

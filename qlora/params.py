@@ -64,6 +64,7 @@ class Base:
 @dataclass(frozen=True)
 class Tokenize:
     max_length: int
+    template: str
     system_prompt: str | None
 
 
@@ -81,7 +82,7 @@ class Lora:
     r: int
     alpha: float
     dropout: float
-    target_modules: list[str]
+    target_modules: list[str] | str
     bias: str
 
 
@@ -142,7 +143,9 @@ class Params:
     export: Export
 
 
-SOURCES = ("bundled", "local", "hub")
+SOURCES = ("bundled", "local", "gguf", "hub")
+TEMPLATES = ("auto", "chat", "plain")
+ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
 TASKS = ("auto", "classification", "generation")
 # Text params in which `\n` written as two characters (as `dvc exp run -S` passes it) means a new line.
 MULTILINE = {"data.prompt_template", "tokenize.system_prompt"}
@@ -208,6 +211,11 @@ def _coerce(value, hint, path, key):
         if value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    lists = [a for a in typing.get_args(hint) if typing.get_origin(a) is list]
+    if lists:  # a list, or one word such as all-linear that _check allows
+        if isinstance(value, str):
+            return value
+        hint = lists[0]
     if typing.get_origin(hint) is list:
         # Labels written as numbers ([1, 2, 3]) are the text they read as: answers are text.
         ok = isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
@@ -266,11 +274,15 @@ def _check(p, path):
     one_of("base.source", b.source, SOURCES)
     if b.source == "local":
         require(bool(b.path), "base.path", b.path, "a model folder when base.source is local")
+    if b.source == "gguf":
+        require(bool(b.path) and str(b.path).endswith(".gguf"), "base.path", b.path,
+                "a .gguf file when base.source is gguf")
     if b.source == "hub":
         require(bool(b.hub_id), "base.hub_id", b.hub_id, "a hub model id when base.source is hub")
         require(bool(b.revision), "base.revision", b.revision, "a pinned commit hash when base.source is hub")
 
     require(p.tokenize.max_length >= 16, "tokenize.max_length", p.tokenize.max_length, "an integer >= 16")
+    one_of("tokenize.template", p.tokenize.template, TEMPLATES)
 
     q = p.quantize
     one_of("quantize.bits", q.bits, BITS)
@@ -282,7 +294,8 @@ def _check(p, path):
     require(lo.r > 0, "lora.r", lo.r, "a positive integer")
     require(lo.alpha > 0, "lora.alpha", lo.alpha, "a positive number")
     require(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "in [0, 1)")
-    require(len(lo.target_modules) > 0, "lora.target_modules", lo.target_modules, "a non-empty list of module names")
+    require(lo.target_modules == ALL_LINEAR if isinstance(lo.target_modules, str) else len(lo.target_modules) > 0,
+            "lora.target_modules", lo.target_modules, f"a non-empty list of module names, or {ALL_LINEAR}")
     one_of("lora.bias", lo.bias, LORA_BIASES)
 
     t = p.train

@@ -45,8 +45,9 @@ def completion_loss(model, dataset, batch_size):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens):
-    """Greedy answers to each prompt (left-padded batches, KV cache on), decoded and stripped."""
+def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, stop_ids):
+    """Greedy answers to each prompt (left-padded batches, KV cache on), decoded and stripped. Generation
+    stops at `stop_ids`, the tokens that end an answer in the tokenized format (qlora.splits.load_format)."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -58,7 +59,7 @@ def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens):
         mask = pad([[1] * len(x) for x in prompts], 0, side="left").to(device)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad_id, use_cache=True,
+            pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True,
         )
         answers += [a.strip() for a in tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
     return answers

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+FORMAT = "format.json"  # beside the splits: the template used, its hash, the tokens that end an answer
 IGNORE_INDEX = -100  # labels with this value are left out of the loss
 
 
@@ -12,3 +13,10 @@ def load_split(folder, name):
     from datasets import Dataset
 
     return Dataset.from_pandas(pd.read_parquet(Path(folder) / f"{name}.parquet"), preserve_index=False)
+
+
+def load_format(folder):
+    """How the tokenize stage rendered the splits (stages/tokenize.py): `template`, `stop_token_ids`, ..."""
+    import json
+
+    return json.loads((Path(folder) / FORMAT).read_text())

@@ -25,7 +25,7 @@ from qlora.models import load_model
 from qlora.outputs import log, write_json
 from qlora.params import load_params
 from qlora.scoring import answer_budget, completion_loss, generate_answers, resolve_task, task_scores
-from qlora.splits import load_split
+from qlora.splits import load_format, load_split
 
 BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metrics
 VAL_CURVE = "live/plots/metrics/eval/loss.tsv"  # written by train through dvclive, under paths.metrics
@@ -121,7 +121,8 @@ def main():
     losses = {name: completion_loss(model, split, e.batch_size) for name, split in
               (("train", train), ("val", val), ("test", test))}
     log("loss " + ", ".join(f"{name} {v['loss']}" for name, v in losses.items()))
-    answers = generate_answers(model, tokenizer, test, e.batch_size, answer_budget(e.max_new_tokens, full_train))
+    answers = generate_answers(model, tokenizer, test, e.batch_size, answer_budget(e.max_new_tokens, full_train),
+                               load_format(p.paths.tokenized)["stop_token_ids"])
     scores, scored = task_scores(task, answers, test["completion"], p.data.labels)
 
     metrics = {f"{name}_{k}": v for name, result in losses.items() for k, v in result.items()}

@@ -12,7 +12,7 @@ from qlora.models import load_model
 from qlora.outputs import log, write_json
 from qlora.params import load_params
 from qlora.scoring import answer_budget, completion_loss, generate_answers, resolve_task, task_scores
-from qlora.splits import load_split
+from qlora.splits import load_format, load_split
 
 BASE_ANSWERS = "base_answers.json"  # under paths.metrics
 PARAMS = ["evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens", "data.labels",
@@ -31,7 +31,8 @@ def main():
     model = load_model(p.paths.quantized)
 
     loss = completion_loss(model, test, e.batch_size)
-    answers = generate_answers(model, tokenizer, test, e.batch_size, max_new_tokens)
+    stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
+    answers = generate_answers(model, tokenizer, test, e.batch_size, max_new_tokens, stop_ids)
     scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
     metrics = dict(task=task, max_new_tokens=max_new_tokens, test_loss=loss["loss"],
                    test_perplexity=loss["perplexity"], **{f"test_{k}": v for k, v in scores.items()})

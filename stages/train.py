@@ -224,7 +224,8 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     set_seed(p.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     model = load_model(p.paths.quantized)  # 4-bit layers off the AVX512-BF16 trap: qlora/models.py
-    missing = sorted(set(p.lora.target_modules) - module_names(model))
+    targets = p.lora.target_modules  # a list of names, or all-linear (peft finds them)
+    missing = sorted(set(targets) - module_names(model)) if isinstance(targets, list) else []
     if missing:
         raise ParamsError(f"params.yaml: lora.target_modules names {missing[0]!r}, which the model does not have "
                           f"(it has: {', '.join(sorted(module_names(model)))})")
@@ -384,6 +385,7 @@ def main():
         stopped_at_step=state.global_step,
         best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
         resumed_from_step=step_of(resume) if resume else 0,
+        attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
     )
     write_json(Path(p.paths.metrics) / "train.json", metrics)
     log(f"{metrics['steps']} steps in {seconds:.0f}s ({throughput.training_seconds:.0f}s training), "

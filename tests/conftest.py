@@ -34,6 +34,32 @@ def tiny_config(vocab_size):
     )
 
 
+# Two more families beside Llama, where they differ from it: Qwen2 has biases on q, k and v;
+# Gemma 3 scales its embeddings, normalises q and k, alternates sliding-window and global
+# attention, and names its MLP the same but its norms differently. pad_token_id 0 (not the
+# end-of-turn token 2, whose embedding row would start at zero) lets them learn to end an answer.
+def tiny_family_config(family, vocab_size):
+    from transformers import Gemma3TextConfig, Qwen2Config
+
+    shared = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    if family == "qwen2":
+        return Qwen2Config(**shared)
+    if family == "gemma3":
+        return Gemma3TextConfig(**dict(shared, num_key_value_heads=1), head_dim=16, sliding_window=64,
+                                layer_types=["sliding_attention", "full_attention"])
+    raise ValueError(family)
+
+
+def tiny_family_model(family, vocab_size):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_family_config(family, vocab_size))
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """The real SmolLM2 tokenizer and chat template, read from the bundled GGUF once."""
@@ -56,6 +82,41 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_config(len(tokenizer))).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_gguf(tmp_path_factory):
+    """A .gguf file of a 2-layer Qwen2 base model: no chat template (tests/gguf_file.py)."""
+    from gguf_file import write_gguf
+    from stages.base import BUNDLED_GGUF, bundled_dir
+
+    out = tmp_path_factory.mktemp("tiny-qwen2") / "tiny-qwen2.gguf"
+    return write_gguf(tiny_family_model("qwen2", 49152), out, bundled_dir() / BUNDLED_GGUF)
+
+
+# Gemma 2's chat template: no system role (a system turn is an error), turns end with <end_of_turn>.
+NO_SYSTEM_ROLE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory, tokenizer_dir):
+    """A local folder of a 2-layer Gemma 3 with Gemma's kind of chat template: no system role, and
+    turns that end with <end_of_turn> (added to the SmolLM2 vocabulary as special tokens)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-gemma3")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = NO_SYSTEM_ROLE_TEMPLATE
+    tiny_family_model("gemma3", len(tokenizer)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

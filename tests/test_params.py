@@ -35,7 +35,9 @@ def test_the_shipped_params_are_valid():
     ("train.optimizer", "adam", "train.optimizer must be one of"),
     ("lora.target_modules", [], "lora.target_modules must be a non-empty list"),
     ("data.test_fraction", 0.9, "data.test_fraction must be small enough to leave training data"),
-    ("base.source", "s3", "base.source must be one of bundled, local, hub, got 's3'"),
+    ("base.source", "s3", "base.source must be one of bundled, local, gguf, hub, got 's3'"),
+    ("tokenize.template", "chatml", "tokenize.template must be one of auto, chat, plain, got 'chatml'"),
+    ("lora.target_modules", "all", "lora.target_modules must be a non-empty list of module names, or all-linear"),
     ("export.dtype", "int8", "export.dtype must be one of bfloat16, float16, float32, got 'int8'"),
     ("export.check_examples", 0, "export.check_examples must be a positive integer, got 0"),
 ])
@@ -64,6 +66,17 @@ def test_exponent_without_dot_is_a_number(params_file):
     assert "learning_rate: 1e-4" in text
     params_file.write_text(text)
     assert parse_params(params_file).train.learning_rate == 1e-4
+
+
+def test_gguf_source_requires_a_gguf_file(params_file):
+    set_params(params_file, {"base.source": "gguf", "base.path": "models/my-model"})
+    with pytest.raises(ParamsError, match="base.path must be a .gguf file when base.source is gguf, got 'models/my-model'"):
+        parse_params(params_file)
+
+
+def test_target_modules_all_linear_is_a_word_not_a_list(params_file):
+    set_params(params_file, {"lora.target_modules": "all-linear"})
+    assert parse_params(params_file).lora.target_modules == "all-linear"
 
 
 def test_hub_source_requires_a_pinned_revision(params_file):

@@ -44,6 +44,7 @@ def test_stage_skip_matrix(tiny_project):
         ({"train.learning_rate": learning_rate / 2}, {"train", "evaluate", "export"}),
         ({"quantize.quant_type": "fp4"}, {"quantize", "train", "evaluate_base", "evaluate", "export"}),
         ({"tokenize.max_length": shorter}, {"tokenize", "train", "evaluate_base", "evaluate", "export"}),
+        ({"tokenize.template": "plain"}, {"tokenize", "train", "evaluate_base", "evaluate", "export"}),
         ({"data.seed": 7}, {"prepare", "tokenize", "train", "evaluate_base", "evaluate", "export"}),
         ({"evaluate.task": "generation"}, {"evaluate_base", "evaluate", "export"}),
         ({"evaluate.samples": 3}, {"evaluate"}),
@@ -66,6 +67,9 @@ def test_exp_run_set_param_reruns_train_only(tiny_project):
     table = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
     shown = json.dumps(table)
     assert '"r": 16' in shown and "test_accuracy" in shown
+    fmt = json.loads((p / "metrics/tokenize.json").read_text())
+    assert fmt["template"] == "chat" and f'"template_hash": "{fmt["template_hash"]}"' in shown, \
+        "the format a run used shows in dvc exp show"
 
 
 @pytest.mark.parametrize("key,value,message", [

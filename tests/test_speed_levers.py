@@ -6,24 +6,42 @@
   long ones; both give the same loss.
 - Every stage's model runs its 4-bit layers through the training path (the CPU trap fix is on).
 - Gradient checkpointing, every n-th layer, gives the same gradients as none.
+
+Each holds for every model family tested, not only Llama: Qwen2 (biased q, k, v), Gemma 3
+(scaled embeddings, q/k norms, sliding-window layers) and Gemma 3 with Gemma 2's final logit
+soft-capping, which the fused head must apply before the log-softmax. None switches itself off
+for these families: TRL's fused head reads the soft-capping and logit scale from the config,
+every transformers model implements eager attention, and the 4-bit fix acts on each
+bitsandbytes layer whatever model holds it (tests/test_models.py runs it on Qwen2 and Gemma 3).
 """
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_family_config
+
+FAMILIES = ["llama", "qwen2", "gemma3", "gemma3-softcap"]
 
 
-@pytest.fixture
-def tiny_lora_model():
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+def family_model(family):
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config(49152))
+    if family == "llama":
+        return AutoModelForCausalLM.from_config(tiny_config(49152))
+    config = tiny_family_config(family.split("-")[0], 49152)
+    if family.endswith("softcap"):
+        config.final_logit_softcapping = 30.0
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_lora_model(request):
+    from peft import LoraConfig
+
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                         init_lora_weights=False)  # non-zero B: every LoRA matrix gets a gradient
-    return model, config
+    return family_model(request.param), config
 
 
 @pytest.fixture
@@ -64,6 +82,8 @@ def test_scoring_only_labelled_positions_keeps_loss_and_gradients(tiny_lora_mode
     labelled_loss, labelled_grads = fused_loss_and_grads(model, batch)
 
     torch.testing.assert_close(labelled_loss, every_loss, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # and both are the model's own loss (soft-capping, logit scale and all)
+        torch.testing.assert_close(model(**batch).loss, labelled_loss, rtol=1e-5, atol=1e-5)
     for name, grad in every_grads.items():
         assert grad.norm() > 0, name
         torch.testing.assert_close(labelled_grads[name], grad, rtol=1e-4, atol=1e-6)
@@ -111,7 +131,7 @@ def test_gradient_checkpointing_every_other_layer_keeps_gradients(tiny_lora_mode
     model.enable_input_require_grads()
     model.activation_checkpointing_enable(every_n_layers=2)
     checkpointed = grads()
-    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     assert [m.gradient_checkpointing for m in layers] == [True, False]  # the first of every 2 recomputes
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad)
