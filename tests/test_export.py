@@ -101,3 +101,19 @@ def test_an_export_that_does_not_score_what_the_adapter_scored_is_refused(tiny_p
     assert "export: the merged model does not score what the adapter scored on test: loss" in message, message[-2000:]
     assert "export.loss_tolerance 1e-09" in message and "Nothing was exported" in message
     assert not (p / "models/export").exists(), "no output written"
+
+
+@pytest.mark.parametrize("source", ["bundled", "gguf", "local", "hub"])
+def test_the_model_card_names_the_base_of_every_source(source):
+    from types import SimpleNamespace
+
+    from qlora.params import SOURCES
+    from stages.export import model_card
+
+    assert source in SOURCES
+    base = SimpleNamespace(source=source, path={"gguf": "/m/tiny.gguf", "local": "/m/tiny"}.get(source),
+                           hub_id="org/model" if source == "hub" else None, revision="abc123")
+    p = SimpleNamespace(base=base, quantize=SimpleNamespace(bits=4), export=SimpleNamespace(dtype="bfloat16"))
+    card = model_card(p, SimpleNamespace(model_type="llama", num_hidden_layers=2), {}, {}, {}, {})
+    assert {"bundled": "SmolLM2-135M-Instruct", "gguf": "GGUF file tiny.gguf", "local": "local folder /m/tiny",
+            "hub": "org/model at revision abc123"}[source] in card
