@@ -85,6 +85,8 @@ class Format:
         self.system_role = template == "plain" or has_system_role(tokenizer)
         self.system_prompt = system_prompt
         text = tokenizer.chat_template if template == "chat" else PLAIN
+        if not isinstance(text, str):  # several named templates
+            text = json.dumps(text, sort_keys=True)
         self.hash = hashlib.sha256(text.encode()).hexdigest()[:12]
         self.end_ids = set()  # the tokens that end an answer: generation stops at them
 
@@ -93,6 +95,8 @@ class Format:
         if self.template == "plain":
             tok = self.tokenizer
             prompt_ids = tok(plain_prompt(messages))["input_ids"]  # with the BOS token where the model has one
+            if prompt_ids and prompt_ids[-1] == tok.eos_token_id:  # a tokenizer that ends every text with EOS
+                prompt_ids = prompt_ids[:-1]
             answer_ids = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             return messages, prompt_ids, prompt_ids + answer_ids
         prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
