@@ -32,6 +32,7 @@ PARAMS = ["tokenize", "paths.prepared", "paths.tokenizer", "paths.tokenized", "p
 # ends with the tokenizer's end-of-sequence token, which generation then stops at.
 PLAIN = "{system}\n\n{prompt}\n{answer}<eos>"
 PROBE = "SYSTEM-PROMPT-PROBE"
+SENTINEL = "ANSWER-SENTINEL-7f3a"  # an answer no template rewrites, to see where the answer begins
 
 
 def resolve_template(setting, tokenizer):
@@ -89,6 +90,7 @@ class Format:
             text = json.dumps(text, sort_keys=True)
         self.hash = hashlib.sha256(text.encode()).hexdigest()[:12]
         self.end_ids = set()  # the tokens that end an answer: generation stops at them
+        self.mask_checked = False
 
     def encode(self, messages, completion):
         messages = with_system(messages, self.system_prompt, self.system_role)
@@ -106,11 +108,32 @@ class Format:
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise SystemExit("the chat template renders the prompt differently with and without the answer; "
                              "prompt masking would be wrong for this tokenizer (try tokenize.template: plain)")
+        if not self.mask_checked:
+            self.check_mask(messages)
         # The end of the assistant turn: the first special token after the answer (<|im_end|>,
         # <end_of_turn>, <|eot_id|>), or the end-of-sequence token when the template writes none.
         special = set(self.tokenizer.all_special_ids)
         self.end_ids.add(next((t for t in full_ids[len(prompt_ids):] if t in special), self.tokenizer.eos_token_id))
         return messages, prompt_ids, full_ids
+
+    def check_mask(self, messages):
+        """Stop if the chat template writes anything into the assistant turn, before the answer, that
+        the generation prompt leaves out (an assistant header it adds only to past turns, empty
+        reasoning tags): those tokens would carry labels, the model would learn to write them before
+        every answer, and its answers would not score. Checked once, with a sentinel answer."""
+        tok = self.tokenizer
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tok.apply_chat_template([*messages, dict(role="assistant", content=SENTINEL)], tokenize=True,
+                                       return_dict=False)
+        labelled = tok.decode(full[len(prompt):], skip_special_tokens=True).lstrip()
+        if not labelled.startswith(SENTINEL):
+            before = labelled[: max(labelled.find(SENTINEL), 0)] or labelled[:40]
+            raise SystemExit(
+                f"tokenize: the chat template puts {before!r} before the answer in the assistant turn, which the "
+                "generation prompt (add_generation_prompt) does not end with: those tokens would be trained as "
+                "part of every answer (the prompt leaks into the loss mask). Use tokenize.template: plain, or a "
+                "template whose generation prompt ends where the answer begins.")
+        self.mask_checked = True
 
     def describe(self):
         if not self.system_prompt:
@@ -134,6 +157,17 @@ def encode(fmt, messages, completion, max_length):
         prompt_length=len(prompt_ids),
         truncated=len(full_ids) > max_length,
     ), messages
+
+
+def labelled_share(rows):
+    """The share of a split's tokens that carry a label (the answer and what ends it). Stops if a label
+    falls on a prompt token: the mask would be wrong."""
+    covering = sum(any(t != IGNORE_INDEX for t in r["labels"][: r["prompt_length"]]) for r in rows)
+    if covering:
+        raise SystemExit(f"tokenize: the labels of {covering} examples cover part of their prompt; the loss mask "
+                         "is wrong")
+    labelled = sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
+    return round(labelled / sum(len(r["labels"]) for r in rows), 4)
 
 
 def tokenize_split(fmt, path, max_length):
@@ -170,6 +204,7 @@ def main():
             metrics["truncated"] += truncated
             metrics["dropped_prompt_too_long"] += dropped
             metrics["max_tokens"] = max(metrics["max_tokens"], int(lengths.max()))
+            metrics[f"{name}_labelled_share"] = labelled_share(rows)
             metrics[f"{name}_tokens"] = int(lengths.sum())
             log(f"{name}: {len(frame)} examples, {int(lengths.sum())} tokens, {truncated} truncated, {dropped} dropped")
         write_json(out / FORMAT, fmt.describe())

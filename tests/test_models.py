@@ -183,3 +183,36 @@ def test_a_bad_gguf_file_is_named_before_any_stage_runs(tiny_project, tmp_path, 
     out = result.stdout + result.stderr
     assert result.returncode != 0 and message in out and str(path) in out, out[-2000:]
     assert "Running stage 'base'" not in out and locked_stages(p) == lock
+
+
+# ChatML as SmolLM2 writes it, but the generation prompt leaves out what the assistant turn starts with.
+LEAKING_TEMPLATES = {
+    "no assistant header in the generation prompt": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"),
+    "empty reasoning tags before every past answer": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+        "{% if m['role'] == 'assistant' %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+        "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("case", LEAKING_TEMPLATES)
+def test_a_template_that_would_put_prompt_text_in_the_labels_stops_tokenize(tokenizer, case):
+    from stages.tokenize import Format, encode
+
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = LEAKING_TEMPLATES[case]
+    with pytest.raises(SystemExit, match="before the answer in the assistant turn"):
+        encode(Format(tokenizer, "chat", None), [dict(role="user", content="Package: fonts-x")], "fonts", 256)
+
+
+def test_the_shipped_templates_pass_the_mask_audit(tokenizer):
+    from stages.tokenize import Format, encode, labelled_share
+
+    rows = [encode(Format(tokenizer, template, "You sort Debian packages."), [dict(role="user", content="Pkg: x")],
+                   "fonts", 256)[0] for template in ("chat", "plain")]
+    assert 0 < labelled_share(rows) < 0.5
+    rows[0]["labels"][0] = rows[0]["input_ids"][0]  # a label on the first prompt token
+    with pytest.raises(SystemExit, match="labels of 1 examples cover part of their prompt"):
+        labelled_share(rows)
