@@ -12,8 +12,8 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: repro test install clean exps plots compare s3-server
 
 # `dvc exp show` narrowed to what answers "which run generalised best": changed params and
-# metrics only (no dependency hashes, no perplexities), lowest val loss first.
-EXPS_DROP := Created|data/|models/|stages/|qlora/|metrics/live|metrics/\w+\.json$$|.*perplexity|.*seconds
+# metrics only (no dependency hashes, perplexities or interval bounds), lowest val loss first.
+EXPS_DROP := Created|data/|models/|stages/|qlora/|metrics/live|metrics/\w+\.json$$|.*perplexity|.*seconds|.*_ci_(low|high)
 
 repro: $(VENV)/.installed
 	dvc repro

@@ -30,9 +30,14 @@ def default_scores():
         ("answered: the answer is exactly one label", "test_answered"),
         ("test loss on the answer tokens", "test_loss"),
     ]
-    lines = ["| | base model (4-bit, no adapter) | fine-tuned (4-bit + LoRA) |", "|---|---|---|"]
-    lines += [f"| {title} | {e['base_' + key]} | **{e[key]}** |" for title, key in rows]
-    lines += ["", f"Train-sample / val / test loss: {e['train_loss']} / {e['val_loss']} / {e['test_loss']} "
+    lines = ["| | base model (4-bit, no adapter) | fine-tuned (4-bit + LoRA), 95% interval |", "|---|---|---|"]
+    lines += [f"| {title} | {e['base_' + key]} | **{e[key]}** [{e[key + '_ci_low']}, {e[key + '_ci_high']}] |"
+              for title, key in rows]
+    lines += ["", f"Gain in accuracy over the base model: {e['accuracy_gain']:+}, paired 95% interval "
+                  f"[{e['accuracy_gain_ci_low']}, {e['accuracy_gain_ci_high']}] (`gain_significant: "
+                  f"{str(e['gain_significant']).lower()}`); intervals are percentile bootstraps over the "
+                  f"{sum(labels['test'].values())} test examples ([how](docs/your-data.md#scoring)).",
+              "", f"Train-sample / val / test loss: {e['train_loss']} / {e['val_loss']} / {e['test_loss']} "
                   f"(gap {e['gap']}); best val loss {e['best_val_loss']} at step {e['best_val_step']}, last "
                   f"{e['last_val_loss']} at step {e['last_val_step']} (`overfitting: {str(e['overfitting']).lower()}`)."]
     return "\n".join(lines)

@@ -23,11 +23,12 @@ def pad(sequences, value, side="right"):
 
 
 @torch.no_grad()
-def completion_loss(model, dataset, batch_size):
-    """Mean cross-entropy per completion token (the prompt is masked), and its perplexity."""
+def example_losses(model, dataset, batch_size):
+    """Per example: the summed cross-entropy of its completion tokens (the prompt is masked), and how
+    many tokens that is."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums, counts = [], []
     for start in range(0, len(dataset), batch_size):
         batch = dataset[start : start + batch_size]
         ids = pad(batch["input_ids"], 0).to(device)
@@ -36,12 +37,22 @@ def completion_loss(model, dataset, batch_size):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )
-        total += loss.item()
-        count += int((targets != IGNORE_INDEX).sum())
-    loss = total / count
+        sums += loss.sum(dim=1).tolist()
+        counts += (targets != IGNORE_INDEX).sum(dim=1).tolist()
+    return sums, counts
+
+
+def loss_summary(sums, counts):
+    """Mean cross-entropy per completion token over the examples, and its perplexity."""
+    loss = sum(sums) / sum(counts)
     return dict(loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 3))
+
+
+def completion_loss(model, dataset, batch_size):
+    """Mean cross-entropy per completion token (the prompt is masked), and its perplexity."""
+    return loss_summary(*example_losses(model, dataset, batch_size))
 
 
 @torch.no_grad()
@@ -172,12 +183,56 @@ def task_scores(task, answers, references, labels=()):
     return generation_scores(answers, references)
 
 
-def paired_interval(before, after, resamples=2000, seed=0):
+def paired_interval(before, after, resamples=None, seed=None):
     """95% percentile-bootstrap interval of mean(after - before) over examples scored twice, the same
     resampled examples for both (paired): how far the difference could be luck of the test split."""
     import numpy as np
 
     deltas = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = deltas[rng.integers(0, len(deltas), size=(resamples, len(deltas)))].mean(axis=1)
-    return round(float(np.quantile(means, 0.025)), 4), round(float(np.quantile(means, 0.975)), 4)
+    idx = resampled(len(deltas), resamples or RESAMPLES, SEED if seed is None else seed)
+    return interval(deltas[idx].mean(axis=1))
+
+RESAMPLES, SEED = 2000, 0  # the bootstrap over test examples: how many resamples, and a fixed seed
+
+
+def resampled(n, resamples=RESAMPLES, seed=SEED):
+    """Indices of `resamples` bootstrap resamples of n examples (drawn with replacement), fixed by `seed`."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def metric_samples(task, answers, rows, references, loss_sums, loss_counts, idx):
+    """Each test metric recomputed on each resample `idx` (resamples x examples): {metric: array}.
+    Means of per-example scores for accuracy, answered, exact match, chrF and ROUGE-L; macro F1
+    from each resample's own counts, as the f1 module computes it; the loss per token as the ratio of
+    the resampled sums (examples of more tokens weigh more, as in the loss itself)."""
+    import numpy as np
+
+    def mean_of(values):
+        return np.asarray(values, dtype=float)[idx].mean(axis=1)
+
+    out = {"loss": np.asarray(loss_sums)[idx].sum(axis=1) / np.asarray(loss_counts)[idx].sum(axis=1)}
+    if task == "classification":
+        classes = sorted(set(references))
+        index = {label: i for i, label in enumerate(classes)}
+        pred = np.array([index.get(r["label"], len(classes)) for r in rows])[idx]
+        ref = np.array([index[r] for r in references])[idx]
+        f1 = []
+        for c in range(len(classes)):
+            tp = ((pred == c) & (ref == c)).sum(axis=1)
+            wrong = ((pred == c) != (ref == c)).sum(axis=1)  # false positives and false negatives
+            f1.append(np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(len(idx)), where=2 * tp + wrong > 0))
+        out.update(accuracy=mean_of([r["correct"] for r in rows]), macro_f1=np.mean(f1, axis=0),
+                   answered=mean_of([r["label"] is not None for r in rows]))
+    else:
+        out.update({k: mean_of([r[k] for r in rows]) for k in ("exact_match", "chrf", "rouge_l")},
+                   answered=mean_of([bool(a.strip()) for a in answers]))
+    return out
+
+
+def interval(samples):
+    """The 95% percentile interval of bootstrap samples, rounded as the metrics are."""
+    import numpy as np
+
+    return round(float(np.quantile(samples, 0.025)), 4), round(float(np.quantile(samples, 0.975)), 4)

@@ -24,7 +24,8 @@ from pathlib import Path
 from qlora.models import load_model
 from qlora.outputs import log, write_json
 from qlora.params import load_params
-from qlora.scoring import answer_budget, completion_loss, generate_answers, resolve_task, task_scores
+from qlora.scoring import (PRIMARY, answer_budget, example_losses, generate_answers, interval, loss_summary,
+                           metric_samples, resampled, resolve_task, task_scores)
 from qlora.splits import load_format, load_split
 
 BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metrics
@@ -118,8 +119,9 @@ def main():
     curve = val_curve_summary(metrics_dir / VAL_CURVE, trained["steps"] / trained["epochs"], e.overfitting_rise_pct)
     model = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
 
-    losses = {name: completion_loss(model, split, e.batch_size) for name, split in
-              (("train", train), ("val", val), ("test", test))}
+    per_example = {name: example_losses(model, split, e.batch_size) for name, split in
+                   (("train", train), ("val", val), ("test", test))}
+    losses = {name: loss_summary(*sums_counts) for name, sums_counts in per_example.items()}
     log("loss " + ", ".join(f"{name} {v['loss']}" for name, v in losses.items()))
     answers = generate_answers(model, tokenizer, test, e.batch_size, answer_budget(e.max_new_tokens, full_train),
                                load_format(p.paths.tokenized)["stop_token_ids"])
@@ -132,15 +134,27 @@ def main():
         **curve,
         base_test_loss=base_metrics["test_loss"],
     )
+    # 95% percentile-bootstrap intervals over the test examples; the gains paired (the same resamples
+    # of the same examples for both models), so that what both get right or wrong cancels out.
+    idx = resampled(len(test))
+    mine = metric_samples(task, answers, scored, test["completion"], *per_example["test"], idx)
+    base_samples = metric_samples(task, [b["answer"] for b in base_rows], base_rows, test["completion"],
+                                  [b["loss_sum"] for b in base_rows], [b["tokens"] for b in base_rows], idx)
+    metrics["test_loss_ci_low"], metrics["test_loss_ci_high"] = interval(mine["loss"])
     for name, value in scores.items():
         base = base_metrics[f"test_{name}"]
         metrics.update({f"test_{name}": value, f"base_test_{name}": base})
+        metrics[f"test_{name}_ci_low"], metrics[f"test_{name}_ci_high"] = interval(mine[name])
         if name != "answered":
             metrics[f"{name}_gain"] = round(value - base, 4)
+            metrics[f"{name}_gain_ci_low"], metrics[f"{name}_gain_ci_high"] = interval(mine[name] - base_samples[name])
+    low, high = metrics[f"{PRIMARY[task]}_gain_ci_low"], metrics[f"{PRIMARY[task]}_gain_ci_high"]
+    metrics["gain_significant"] = low > 0 or high < 0  # the primary metric's paired interval excludes 0
 
     rows = [dict(input=i, expected=x, base_answer=b["answer"], answer=a,
-                 **{f"base_{k}": v for k, v in b.items() if k != "answer"}, **s)
-            for i, x, b, a, s in zip(shown_inputs(test["prompt"]), test["completion"], base_rows, answers, scored)]
+                 **{f"base_{k}": v for k, v in b.items() if k != "answer"}, **s, loss_sum=round(ls, 5), tokens=n)
+            for i, x, b, a, s, ls, n in zip(shown_inputs(test["prompt"]), test["completion"], base_rows, answers,
+                                            scored, *per_example["test"])]
     confusion = [dict(expected=r["expected"], label=r["label"] or NO_LABEL) for r in rows] \
         if task == "classification" else []
     write_json(metrics_dir / "predictions.json", rows)

@@ -11,7 +11,8 @@ from pathlib import Path
 from qlora.models import load_model
 from qlora.outputs import log, write_json
 from qlora.params import load_params
-from qlora.scoring import answer_budget, completion_loss, generate_answers, resolve_task, task_scores
+from qlora.scoring import (answer_budget, example_losses, generate_answers, interval, loss_summary, metric_samples,
+                           resampled, resolve_task, task_scores)
 from qlora.splits import load_format, load_split
 
 BASE_ANSWERS = "base_answers.json"  # under paths.metrics
@@ -30,13 +31,18 @@ def main():
     max_new_tokens = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
     model = load_model(p.paths.quantized)
 
-    loss = completion_loss(model, test, e.batch_size)
+    sums, counts = example_losses(model, test, e.batch_size)
+    loss = loss_summary(sums, counts)
     stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
     answers = generate_answers(model, tokenizer, test, e.batch_size, max_new_tokens, stop_ids)
     scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
     metrics = dict(task=task, max_new_tokens=max_new_tokens, test_loss=loss["loss"],
                    test_perplexity=loss["perplexity"], **{f"test_{k}": v for k, v in scores.items()})
-    write_json(Path(p.paths.metrics) / BASE_ANSWERS, [dict(answer=a, **row) for a, row in zip(answers, rows)])
+    samples = metric_samples(task, answers, rows, test["completion"], sums, counts, resampled(len(test)))
+    for name, values in samples.items():
+        metrics[f"test_{name}_ci_low"], metrics[f"test_{name}_ci_high"] = interval(values)
+    write_json(Path(p.paths.metrics) / BASE_ANSWERS, [dict(answer=a, loss_sum=round(s, 5), tokens=c, **row)
+                                                      for a, row, s, c in zip(answers, rows, sums, counts)])
     write_json(Path(p.paths.metrics) / "evaluate_base.json", metrics)
     log(f"base model ({task}, up to {max_new_tokens} new tokens): test loss {metrics['test_loss']}, "
         + ", ".join(f"{k} {v}" for k, v in scores.items()))

@@ -30,6 +30,17 @@ def test_reproduced_pipeline_writes_every_output(reproduced_project):
     evaluation = json.loads((p / "metrics/evaluate.json").read_text())
     for key in ("train_loss", "val_loss", "test_loss", "gap", "test_accuracy", "base_test_accuracy"):
         assert key in evaluation
+    # A 95% bootstrap interval for each metric and each gain over the base model (paired). A mean lies
+    # inside its percentile interval; macro F1 of a resample missing a class can sit below it.
+    for name in ("loss", "accuracy", "answered"):
+        assert evaluation[f"test_{name}_ci_low"] <= evaluation[f"test_{name}"] <= evaluation[f"test_{name}_ci_high"]
+    assert evaluation["accuracy_gain_ci_low"] <= evaluation["accuracy_gain"] <= evaluation["accuracy_gain_ci_high"]
+    assert evaluation["test_macro_f1_ci_low"] <= evaluation["test_macro_f1_ci_high"]
+    assert evaluation["macro_f1_gain_ci_low"] <= evaluation["macro_f1_gain_ci_high"]
+    assert evaluation["gain_significant"] == (not evaluation["accuracy_gain_ci_low"] <= 0
+                                              <= evaluation["accuracy_gain_ci_high"])
+    base = json.loads((p / "metrics/evaluate_base.json").read_text())
+    assert base["test_accuracy_ci_low"] <= base["test_accuracy"] <= base["test_accuracy_ci_high"]
     train = json.loads((p / "metrics/train.json").read_text())
     assert train["steps"] == 3 and train["trainable_parameters"] > 0
 

@@ -1,0 +1,68 @@
+"""The bootstrap intervals of the test metrics: deterministic for a seed, covering the true value at
+about the nominal rate, narrower when paired, and equal to the metric itself on the identity resample."""
+
+import numpy as np
+import pytest
+
+from qlora.scoring import (classification_scores, generation_scores, interval, loss_summary, metric_samples,
+                           paired_interval, resampled)
+
+LABELS = ["fonts", "doc", "python", "perl"]
+
+
+def classification_case(seed, n=96):
+    rng = np.random.default_rng(seed)
+    references = list(rng.choice(LABELS, size=n))
+    answers = [r if rng.random() < 0.8 else rng.choice(LABELS + ["I think it is a font", ""]) for r in references]
+    sums, counts = list(rng.gamma(2.0, 0.2, size=n) * 3), [3] * n
+    scores, rows = classification_scores(answers, references, LABELS)
+    return answers, rows, references, sums, counts, scores
+
+
+def test_on_the_identity_resample_every_metric_is_the_metric_itself():
+    answers, rows, references, sums, counts, scores = classification_case(0)
+    same = metric_samples("classification", answers, rows, references, sums, counts, np.arange(96)[None, :])
+    for name, value in scores.items():
+        assert same[name][0] == pytest.approx(value, abs=1e-4), name  # macro F1 counted as the f1 module does
+    assert same["loss"][0] == pytest.approx(loss_summary(sums, counts)["loss"], abs=1e-4)
+    gen_answers = ["a cat sat", "", "the dog", "on the mat"]
+    gen_scores, gen_rows = generation_scores(gen_answers, ["a cat sat", "a bird", "the dog ran", "on a mat"])
+    same = metric_samples("generation", gen_answers, gen_rows, None, [1.0] * 4, [2] * 4, np.arange(4)[None, :])
+    for name, value in gen_scores.items():
+        assert same[name][0] == pytest.approx(value, abs=1e-4), name
+
+
+def test_the_bootstrap_is_deterministic_for_a_seed():
+    answers, rows, references, sums, counts, _ = classification_case(1)
+
+    def intervals(seed):
+        samples = metric_samples("classification", answers, rows, references, sums, counts, resampled(96, seed=seed))
+        return {name: interval(values) for name, values in samples.items()}
+
+    first = intervals(0)
+    assert intervals(0) == first
+    assert intervals(1) != first, "another seed draws other resamples"
+    assert all(low < high for low, high in first.values())
+
+
+def test_the_interval_covers_the_true_accuracy_at_about_the_nominal_rate():
+    # 200 synthetic test sets of 96 answers, each right with probability 0.8: a 95% interval should
+    # contain 0.8 for about 95% of them.
+    rng = np.random.default_rng(42)
+    covered = 0
+    for trial in range(200):
+        correct = rng.random(96) < 0.8
+        low, high = interval(correct[resampled(96, resamples=1000, seed=trial)].mean(axis=1))
+        covered += low <= 0.8 <= high
+    assert 0.90 <= covered / 200 <= 0.98, covered
+
+
+def test_a_paired_interval_is_narrower_than_an_unpaired_one_on_correlated_answers():
+    rng = np.random.default_rng(3)
+    base = (rng.random(96) < 0.6).astype(float)
+    fine = base.copy()
+    fine[rng.choice(96, 8, replace=False)] = 1  # mostly the same answers, a few more right
+    paired = paired_interval(base, fine)
+    unpaired = interval(fine[resampled(96, seed=1)].mean(axis=1) - base[resampled(96, seed=2)].mean(axis=1))
+    assert paired[1] - paired[0] < 0.5 * (unpaired[1] - unpaired[0])
+    assert paired[0] > 0 >= unpaired[0], "the paired interval tells the gain from noise, the unpaired one cannot"
