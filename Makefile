@@ -31,9 +31,10 @@ exps: $(VENV)/.installed
 plots: $(VENV)/.installed
 	python -m qlora.report plots $(REVS)
 
-# One page comparing every experiment of the current commit: reports/compare.{md,html}.
+# One page comparing every experiment of the current commit: reports/compare.{md,html}; each run
+# against REF (default: the baseline commit), paired over the same test examples.
 compare: $(VENV)/.installed
-	python -m qlora.report compare $(REVS)
+	python -m qlora.report compare $(REVS) $(if $(REF),--ref $(REF))
 
 # A real S3 server (SeaweedFS) on 127.0.0.1, data in .s3/, as this project's default DVC
 # remote (in .dvc/config.local); runs until Ctrl-C. Then: dvc push, dvc pull.

@@ -41,6 +41,8 @@ KEY_METRICS = [
     ("metrics/train.json", "tokens_per_second", "tokens/s"),
 ]
 BEST_BY = ("metrics/evaluate.json", "val_loss")  # held-out, never the test split
+PREDICTIONS = "metrics/predictions.json"  # per test example: both answers, scores, loss; what pairs two runs
+LOWER_IS_BETTER = {"loss"}
 CURVES = ("Loss (train and val)", "Learning rate")
 
 
@@ -163,7 +165,89 @@ def curve_specs(rows):
     return specs
 
 
-def compare(revs, out):
+def predictions_at(rev):
+    """The per-example test predictions a run committed, or None (a failed or older run)."""
+    result = subprocess.run(["git", "show", f"{rev}:{PREDICTIONS}"], capture_output=True, text=True)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def same_test_set(a, b):
+    """Whether two runs were scored on the same test examples in the same order: only then can their
+    scores be paired. A changed data.* (split, seed, labels, file) gives another test set."""
+    return [(r["input"], r["expected"]) for r in a] == [(r["input"], r["expected"]) for r in b]
+
+
+def paired_comparison(ref, rows):
+    """Each test metric of a run (`rows`, predictions.json) against a reference run on the same
+    examples: (metric, run's value, reference's value, difference, its paired 95% bootstrap interval,
+    verdict). Better or worse when the interval excludes 0, within noise otherwise."""
+    import numpy as np
+
+    from qlora.scoring import interval, metric_samples, resampled
+
+    task = "classification" if "correct" in rows[0] else "generation"
+    references = [r["expected"] for r in rows]
+
+    def samples(preds, idx):
+        return metric_samples(task, [r["answer"] for r in preds], preds, references,
+                              [r["loss_sum"] for r in preds], [r["tokens"] for r in preds], idx)
+
+    whole = np.arange(len(rows))[None, :]
+    mine, theirs = samples(rows, whole), samples(ref, whole)
+    idx = resampled(len(rows))
+    mine_resampled, theirs_resampled = samples(rows, idx), samples(ref, idx)
+    out = []
+    for name in mine:
+        diff = round(float(mine[name][0] - theirs[name][0]), 4)
+        low, high = interval(mine_resampled[name] - theirs_resampled[name])
+        sign = -1 if name in LOWER_IS_BETTER else 1
+        verdict = "within noise" if low <= 0 <= high else "better" if sign * diff > 0 else "worse"
+        out.append((name, round(float(mine[name][0]), 4), round(float(theirs[name][0]), 4), diff, low, high, verdict))
+    return out
+
+
+def comparisons(rows, ref_name):
+    """Every run against the reference run: the paired rows of the report, and a sentence per run."""
+    ref = next((r for r in rows if r["name"] == ref_name), None)
+    if ref is None:
+        raise SystemExit(f"compare: no run named {ref_name!r} (runs: {', '.join(r['name'] for r in rows)})")
+    ref_preds = predictions_at(ref["rev"])
+    head = ["experiment", "metric", "value", f"{ref_name}", "difference", "95% interval", "verdict"]
+    body = []
+    for row in rows:
+        if row is ref:
+            continue
+        preds = predictions_at(row["rev"])
+        if not preds or not ref_preds or "loss_sum" not in preds[0] or "loss_sum" not in ref_preds[0]:
+            body.append([row["name"], "", "", "", "", "", "no per-example predictions"])
+        elif not same_test_set(ref_preds, preds):
+            body.append([row["name"], "", "", "", "", "", "not comparable: another test set (data.* changed)"])
+        else:
+            body += [[row["name"], name, str(value), str(base), f"{diff:+}", f"[{low}, {high}]", verdict]
+                     for name, value, base, diff, low, high, verdict in paired_comparison(ref_preds, preds)]
+    return head, body
+
+
+def versus_runner_up(rows, best):
+    """A sentence: whether the best run (by val loss) is told apart from the runner-up on test, paired."""
+    scored = sorted((r for r in rows if isinstance(r["metrics"].get(BEST_BY[0], {}).get(BEST_BY[1]), (int, float))),
+                    key=lambda r: r["metrics"][BEST_BY[0]][BEST_BY[1]])
+    if best is None or len(scored) < 2:
+        return ""
+    runner_up = scored[1]
+    mine, theirs = predictions_at(best["rev"]), predictions_at(runner_up["rev"])
+    if not mine or not theirs or "loss_sum" not in mine[0] or "loss_sum" not in theirs[0] \
+            or not same_test_set(theirs, mine):
+        return f" The runner-up, {runner_up['name']}, was scored on another test set: no paired comparison."
+    told = [f"{name} {verdict} ({diff:+}, [{low}, {high}])" for name, _, _, diff, low, high, verdict
+            in paired_comparison(theirs, mine) if verdict != "within noise"]
+    if not told:
+        return (f" Against the runner-up, {runner_up['name']}, every test difference is within noise: "
+                "the two are not told apart on this test set.")
+    return f" Against the runner-up, {runner_up['name']}, on test: " + "; ".join(told) + "."
+
+
+def compare(revs, out, ref_name=None):
     import vl_convert
 
     rows = experiment_rows(revs)
@@ -178,12 +262,20 @@ def compare(revs, out):
 
     summary = (f"{len(rows)} runs. Changed params: {', '.join(changed) or 'none'}. "
                + (f"★ best: {best['name']} (lowest {BEST_BY[1]} = {best['metrics'][BEST_BY[0]][BEST_BY[1]]}, "
-                  "the held-out split; test is reported, never used to choose)." if best else "No run has metrics yet."))
-    md = ["# Experiment comparison", "", summary, "", markdown_table(head, body), ""]
+                  "the held-out split; test is reported, never used to choose)." if best else "No run has metrics yet.")
+               + versus_runner_up(rows, best))
+    ref_name = ref_name or rows[0]["name"]  # the baseline commit
+    pair_head, pair_body = comparisons(rows, ref_name)
+    paired = (f"Each run against {ref_name} on the same test examples: the difference of each test metric, "
+              "its paired 95% bootstrap interval (2,000 resamples of the examples, both runs scored on the same "
+              "ones), and a verdict: better or worse when the interval excludes 0, within noise otherwise.")
+    md = ["# Experiment comparison", "", summary, "", markdown_table(head, body), "",
+          f"## Against {ref_name}", "", paired, "", markdown_table(pair_head, pair_body), ""]
     html = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Experiment comparison</title>",
             "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:right} "
             "th{border-bottom:1px solid #999}</style></head><body>",
-            "<h1>Experiment comparison</h1>", f"<p>{summary}</p>", html_table(head, body)]
+            "<h1>Experiment comparison</h1>", f"<p>{summary}</p>", html_table(head, body),
+            f"<h2>Against {ref_name}</h2>", f"<p>{paired}</p>", html_table(pair_head, pair_body)]
     for title, spec in specs.items():
         image = out / f"compare-{title.split()[0].lower()}.png"
         image.write_bytes(vl_convert.vegalite_to_png(spec, scale=2))
@@ -201,11 +293,13 @@ def main(argv=None):
     parser.add_argument("revs", nargs="*", help="plots: revisions or experiment names to overlay; "
                                                 "compare: baseline commits whose experiments to compare")
     parser.add_argument("-o", "--out", default=None, help="output folder (default reports/plots or reports)")
+    parser.add_argument("--ref", default=None, help="compare: the run every other is compared with, paired "
+                                                    "(default: the baseline commit)")
     args = parser.parse_args(argv)
     if args.command == "plots":
         page = plots(args.revs, args.out or REPORTS / "plots")
     else:
-        page = compare(args.revs, args.out or REPORTS)
+        page = compare(args.revs, args.out or REPORTS, args.ref)
     print(page)
 
 

@@ -74,13 +74,30 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
     python = [sys.executable, "-m", "qlora.report"]
 
     run([*python, "compare"], p)
-    report = (p / "reports/compare.md").read_text()
+    report, against = (p / "reports/compare.md").read_text().split("\n## Against ")
     rows = exp_rows(p, baseline_commits=True)
     best = min(rows, key=lambda name: rows[name][1]["val_loss"])
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| experiment | lora.r | val loss |"), "changed params, then metrics"
     assert len(table) == 1 + 3, "the baseline and both experiments"
     assert [line for line in table if "★" in line] == [next(line for line in table if f" {best} |" in line)]
+    # Each experiment against the baseline commit, paired over the same test examples: every metric
+    # with a difference, an interval and a verdict.
+    assert re.search(r"Against the runner-up, \S+, (every test difference is within noise|on test: )", report)
+    baseline = next(name for name in rows if name not in ("small", "large"))
+    assert against.startswith(baseline)
+    paired = [line.split(" | ") for line in against.splitlines() if line.startswith("| small") or
+              line.startswith("| large")]
+    metrics = {"loss", "accuracy", "macro_f1", "answered"}
+    assert {(cells[0].strip("| "), cells[1]) for cells in paired} == {(n, m) for n in ("small", "large") for m in metrics}
+    assert all(cells[-1].strip(" |") in ("better", "worse", "within noise") for cells in paired)
+
+    run(["dvc", "exp", "run", "-n", "other-split", "-S", "data.seed=7"], p)
+    run([*python, "compare", "--ref", "small"], p)
+    against = (p / "reports/compare.md").read_text().split("\n## Against ")[1]
+    assert against.startswith("small")
+    assert re.search(r"\| other-split \|.*not comparable: another test set", against)
+    assert "| large | accuracy |" in against and "| small |" not in against, "the reference is not compared with itself"
     for image in ("compare-loss.png", "compare-learning.png"):
         assert (p / "reports" / image).stat().st_size > 10_000
     assert "<svg" in (p / "reports/compare.html").read_text()

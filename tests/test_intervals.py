@@ -66,3 +66,39 @@ def test_a_paired_interval_is_narrower_than_an_unpaired_one_on_correlated_answer
     unpaired = interval(fine[resampled(96, seed=1)].mean(axis=1) - base[resampled(96, seed=2)].mean(axis=1))
     assert paired[1] - paired[0] < 0.5 * (unpaired[1] - unpaired[0])
     assert paired[0] > 0 >= unpaired[0], "the paired interval tells the gain from noise, the unpaired one cannot"
+
+
+def predictions(correct, loss):
+    """predictions.json rows of a classification run: right where `correct`, a given loss per example."""
+    return [dict(input=f"package {i}", expected="perl", answer="perl" if ok else "python",
+                 label="perl" if ok else "python", correct=int(ok), loss_sum=loss, tokens=2)
+            for i, ok in enumerate(correct)]
+
+
+def verdicts(ref, run):
+    from qlora.report import paired_comparison
+
+    return {name: (diff, verdict) for name, _, _, diff, _, _, verdict in paired_comparison(ref, run)}
+
+
+def test_a_paired_comparison_tells_better_from_within_noise():
+    rng = np.random.default_rng(5)
+    base = rng.random(96) < 0.7
+    one_more = base.copy()
+    one_more[np.flatnonzero(~base)[0]] = True  # a single answer more right: luck of the split
+    many_more = base | (rng.random(96) < 0.6)  # about 17 more right, none worse
+
+    small = verdicts(predictions(base, 0.3), predictions(one_more, 0.3))
+    assert small["accuracy"] == (pytest.approx(1 / 96, abs=1e-4), "within noise")
+    large = verdicts(predictions(base, 0.3), predictions(many_more, 0.2))
+    assert large["accuracy"][1] == "better" and large["accuracy"][0] > 0.1
+    assert large["loss"] == (pytest.approx(-0.05, abs=1e-4), "better"), "a lower loss is better"
+    assert verdicts(predictions(many_more, 0.2), predictions(base, 0.3))["accuracy"][1] == "worse"
+
+
+def test_runs_on_another_test_set_are_not_paired():
+    from qlora.report import same_test_set
+
+    a = predictions([True] * 4, 0.1)
+    b = [dict(r, input=r["input"] + " (other split)") for r in a]
+    assert same_test_set(a, a) and not same_test_set(a, b)
