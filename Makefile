@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: repro test install clean exps plots compare s3-server
+.PHONY: repro test install clean exps plots compare noise s3-server
 
 # `dvc exp show` narrowed to what answers "which run generalised best": changed params and
 # metrics only (no dependency hashes, perplexities or interval bounds), lowest val loss first.
@@ -35,6 +35,13 @@ plots: $(VENV)/.installed
 # against REF (default: the baseline commit), paired over the same test examples.
 compare: $(VENV)/.installed
 	python -m qlora.report compare $(REVS) $(if $(REF),--ref $(REF))
+
+# The seed noise floor: the current params with train.seed = 1..SEEDS (DATA_SEEDS=1: data.seed too), queued
+# and run one at a time; the spread of each metric across them in reports/noise.{md,json}. make compare
+# then calls a difference smaller than that spread within noise.
+SEEDS ?= 3
+noise: $(VENV)/.installed
+	python -m qlora.report noise --seeds $(SEEDS) $(if $(DATA_SEEDS),--data-seeds)
 
 # A real S3 server (SeaweedFS) on 127.0.0.1, data in .s3/, as this project's default DVC
 # remote (in .dvc/config.local); runs until Ctrl-C. Then: dvc push, dvc pull.

@@ -177,10 +177,12 @@ def same_test_set(a, b):
     return [(r["input"], r["expected"]) for r in a] == [(r["input"], r["expected"]) for r in b]
 
 
-def paired_comparison(ref, rows):
+def paired_comparison(ref, rows, floor=None):
     """Each test metric of a run (`rows`, predictions.json) against a reference run on the same
     examples: (metric, run's value, reference's value, difference, its paired 95% bootstrap interval,
-    verdict). Better or worse when the interval excludes 0, within noise otherwise."""
+    verdict). Better or worse when the interval excludes 0, within noise otherwise, and within noise
+    too when the difference is smaller than `floor[metric]`, the spread across seeds (make noise)."""
+    floor = floor or {}
     import numpy as np
 
     from qlora.scoring import interval, metric_samples, resampled
@@ -201,7 +203,8 @@ def paired_comparison(ref, rows):
         diff = round(float(mine[name][0] - theirs[name][0]), 4)
         low, high = interval(mine_resampled[name] - theirs_resampled[name])
         sign = -1 if name in LOWER_IS_BETTER else 1
-        verdict = "within noise" if low <= 0 <= high else "better" if sign * diff > 0 else "worse"
+        verdict = "within noise" if low <= 0 <= high else \
+            "within noise (seed spread)" if abs(diff) < floor.get(name, 0) else "better" if sign * diff > 0 else "worse"
         out.append((name, round(float(mine[name][0]), 4), round(float(theirs[name][0]), 4), diff, low, high, verdict))
     return out
 
@@ -212,6 +215,7 @@ def comparisons(rows, ref_name):
     if ref is None:
         raise SystemExit(f"compare: no run named {ref_name!r} (runs: {', '.join(r['name'] for r in rows)})")
     ref_preds = predictions_at(ref["rev"])
+    floor = noise_floor()
     head = ["experiment", "metric", "value", f"{ref_name}", "difference", "95% interval", "verdict"]
     body = []
     for row in rows:
@@ -224,7 +228,7 @@ def comparisons(rows, ref_name):
             body.append([row["name"], "", "", "", "", "", "not comparable: another test set (data.* changed)"])
         else:
             body += [[row["name"], name, str(value), str(base), f"{diff:+}", f"[{low}, {high}]", verdict]
-                     for name, value, base, diff, low, high, verdict in paired_comparison(ref_preds, preds)]
+                     for name, value, base, diff, low, high, verdict in paired_comparison(ref_preds, preds, floor)]
     return head, body
 
 
@@ -245,6 +249,77 @@ def versus_runner_up(rows, best):
         return (f" Against the runner-up, {runner_up['name']}, every test difference is within noise: "
                 "the two are not told apart on this test set.")
     return f" Against the runner-up, {runner_up['name']}, on test: " + "; ".join(told) + "."
+
+
+NOISE = "noise"  # experiments named noise-seed-<n>, and reports/noise.{md,json}
+NOISE_METRICS = ("val_loss", "test_loss", "test_accuracy", "test_macro_f1", "test_answered", "test_exact_match",
+                 "test_chrf", "test_rouge_l")
+
+
+def wait_for_queue(timeout=24 * 3600):
+    import re
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = dvc("queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(10)
+    raise SystemExit("noise: the queue did not finish in time")
+
+
+def noise(seeds, out, data_seeds=False):
+    """Run the current params with train.seed = 1..seeds (and data.seed too with `data_seeds`), one
+    experiment each, and write the spread of each metric across them: reports/noise.{md,json}. A
+    difference between two experiments smaller than this spread is what the seed alone can do."""
+    names = {exp["name"] for base in json.loads(dvc("exp", "show", "--json")) for exp in base.get("experiments") or []}
+    queued = []
+    for seed in range(1, seeds + 1):
+        name = f"{NOISE}-seed-{seed}"
+        if name in names:
+            continue  # already run on this commit: reused
+        sets = ["-S", f"train.seed={seed}"] + (["-S", f"data.seed={seed}"] if data_seeds else [])
+        dvc("exp", "run", "--queue", "-n", name, *sets)
+        queued.append(name)
+    if queued:
+        dvc("queue", "start", "-j", "1")  # one at a time: on a CPU, parallel runs share the cores
+        status = wait_for_queue()
+        if "Failed" in status:
+            raise SystemExit(f"noise: a seed run failed:\n{status}")
+    rows = [r for r in experiment_rows() if r["name"].startswith(f"{NOISE}-seed-")]
+    values = {}
+    for key in NOISE_METRICS:
+        found = [r["metrics"].get("metrics/evaluate.json", {}).get(key) for r in rows]
+        if found and all(isinstance(v, (int, float)) for v in found):
+            values[key] = found
+    import statistics
+
+    summary = {key: dict(values=v, mean=round(statistics.mean(v), 4), std=round(statistics.stdev(v), 4),
+                         min=min(v), max=max(v), spread=round(max(v) - min(v), 4))
+               for key, v in values.items() if len(v) > 1}
+    result = dict(seeds=seeds, data_seeds=data_seeds, experiments=[r["name"] for r in rows], metrics=summary)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NOISE}.json").write_text(json.dumps(result, indent=2) + "\n")
+    head = ["metric", "mean", "std", "min", "max", "spread (max - min)"]
+    body = [[k, str(m["mean"]), str(m["std"]), str(m["min"]), str(m["max"]), str(m["spread"])]
+            for k, m in summary.items()]
+    (out / f"{NOISE}.md").write_text("\n".join([
+        "# Seed noise floor", "",
+        f"The same params run with train.seed = 1..{seeds}" + (" and data.seed the same" if data_seeds else "")
+        + ": how far a metric moves when only the seed changes. A difference between experiments smaller "
+          "than the spread is within noise.", "", markdown_table(head, body), ""]))
+    return out / f"{NOISE}.md"
+
+
+def noise_floor(folder=REPORTS):
+    """The spread of each metric across seeds (reports/noise.json), by the name paired_comparison uses."""
+    path = Path(folder) / f"{NOISE}.json"
+    if not path.exists():
+        return {}
+    metrics = json.loads(path.read_text())["metrics"]
+    return {key.removeprefix("test_"): m["spread"] for key, m in metrics.items() if key != "val_loss"}
 
 
 def compare(revs, out, ref_name=None):
@@ -289,7 +364,9 @@ def compare(revs, out, ref_name=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qlora.report", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["plots", "compare"])
+    parser.add_argument("command", choices=["plots", "compare", "noise"])
+    parser.add_argument("--seeds", type=int, default=3, help="noise: train.seed = 1..SEEDS")
+    parser.add_argument("--data-seeds", action="store_true", help="noise: set data.seed to the same seed too")
     parser.add_argument("revs", nargs="*", help="plots: revisions or experiment names to overlay; "
                                                 "compare: baseline commits whose experiments to compare")
     parser.add_argument("-o", "--out", default=None, help="output folder (default reports/plots or reports)")
@@ -298,6 +375,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "plots":
         page = plots(args.revs, args.out or REPORTS / "plots")
+    elif args.command == "noise":
+        page = noise(args.seeds, args.out or REPORTS, args.data_seeds)
     else:
         page = compare(args.revs, args.out or REPORTS, args.ref)
     print(page)

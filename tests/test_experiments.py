@@ -114,3 +114,18 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
     drawn = [d for d in re.findall(r'<path[^>]*d="(M[^"]+)"', "".join(lines)) if d.count("L") >= 1]
     assert len(drawn) >= 2 * 4, "every curve of both experiments is drawn"
     assert ">small<" in dom and ">large<" in dom, "the legend names the experiments"
+
+
+def test_noise_runs_each_seed_once_and_writes_the_spread(tiny_project):
+    p = tiny_project
+    python = [sys.executable, "-m", "qlora.report", "noise", "--seeds", "2"]
+    run(python, p)
+    noise = json.loads((p / "reports/noise.json").read_text())
+    assert sorted(noise["experiments"]) == ["noise-seed-1", "noise-seed-2"]
+    seeds = {params["train"]["seed"] for name, (params, _) in exp_rows(p).items() if name.startswith("noise-seed-")}
+    assert seeds == {1, 2}
+    val = noise["metrics"]["val_loss"]
+    assert val["spread"] == round(max(val["values"]) - min(val["values"]), 4) > 0, "another seed, another result"
+    assert "| val_loss |" in (p / "reports/noise.md").read_text()
+    run(python, p)  # a second call reuses the runs
+    assert len([n for n in exp_rows(p) if n.startswith("noise-seed-")]) == 2

@@ -102,3 +102,17 @@ def test_runs_on_another_test_set_are_not_paired():
     a = predictions([True] * 4, 0.1)
     b = [dict(r, input=r["input"] + " (other split)") for r in a]
     assert same_test_set(a, a) and not same_test_set(a, b)
+
+
+def test_a_difference_within_the_seed_spread_is_within_noise_whatever_the_bootstrap_says():
+    from qlora.report import paired_comparison
+
+    rng = np.random.default_rng(5)
+    base = rng.random(96) < 0.7
+    many_more = base | (rng.random(96) < 0.6)
+    ref, run = predictions(base, 0.3), predictions(many_more, 0.3)
+    diff = next(d for name, _, _, d, _, _, _ in paired_comparison(ref, run) if name == "accuracy")
+    verdict = {name: v for name, *_, v in paired_comparison(ref, run, floor={"accuracy": diff + 0.01})}
+    assert verdict["accuracy"] == "within noise (seed spread)"
+    assert {name: v for name, *_, v in paired_comparison(ref, run, floor={"accuracy": diff - 0.01})}["accuracy"] == \
+        "better"
