@@ -14,8 +14,8 @@ splits (the scorers generate with the same format and stop at the same tokens) a
 `metrics/tokenize.json`, so that `dvc exp show` tells runs of different formats apart.
 Depends on the tokenizer files, not the weights: re-quantizing the model does not
 re-tokenize. Examples longer than `tokenize.max_length` are cut at the end and counted;
-an example whose prompt alone fills max_length has nothing left to learn and is dropped
-(counted too).
+an example whose prompt alone fills max_length would keep no labelled token (nothing to
+learn, nothing to score): the stage stops, naming how many and the params that fix it.
 """
 
 import hashlib
@@ -171,15 +171,22 @@ def labelled_share(rows):
 
 
 def tokenize_split(fmt, path, max_length):
-    rows, dropped = [], 0
+    """The split's rows; stops if any example would keep no labelled token once cut to max_length."""
+    rows = []
     for line in open(path):
         ex = json.loads(line)
         enc, messages = encode(fmt, ex["messages"], ex["completion"], max_length)
-        if enc["prompt_length"] >= max_length:
-            dropped += 1
-            continue
         rows.append(dict(enc, prompt=messages[-1]["content"], completion=ex["completion"]))
-    return rows, dropped
+    unlabelled = [i for i, r in enumerate(rows, 1) if r["prompt_length"] >= max_length]
+    if unlabelled:
+        longest = max(rows[i - 1]["prompt_length"] for i in unlabelled)
+        where = ", ".join(map(str, unlabelled[:5])) + (" ..." if len(unlabelled) > 5 else "")
+        raise SystemExit(
+            f"tokenize: {len(unlabelled)} of {len(rows)} examples in {path} (lines {where}) would have no labelled "
+            f"token: their prompt alone fills tokenize.max_length={max_length} (the longest is {longest} tokens, "
+            "with the system prompt and template). Raise tokenize.max_length above that, shorten "
+            "tokenize.system_prompt or data.prompt_template, or take these rows out of the data.")
+    return rows
 
 
 def main():
@@ -190,25 +197,21 @@ def main():
     t = p.tokenize
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     fmt = Format(tokenizer, resolve_template(t.template, tokenizer), t.system_prompt)
-    metrics = dict(truncated=0, dropped_prompt_too_long=0, max_tokens=0)
+    metrics = dict(truncated=0, max_tokens=0)
     with atomic_dir(p.paths.tokenized) as out:
         for name in SPLITS:
-            rows, dropped = tokenize_split(fmt, Path(p.paths.prepared) / f"{name}.jsonl", t.max_length)
-            if not rows:
-                raise SystemExit(f"tokenize: every {name} example has a prompt longer than "
-                                 f"tokenize.max_length={t.max_length}; raise it")
+            rows = tokenize_split(fmt, Path(p.paths.prepared) / f"{name}.jsonl", t.max_length)
             frame = pd.DataFrame(rows)
             frame.to_parquet(out / f"{name}.parquet", index=False)
             lengths = frame["input_ids"].map(len)
             truncated = int(frame["truncated"].sum())
             metrics["truncated"] += truncated
-            metrics["dropped_prompt_too_long"] += dropped
             metrics["max_tokens"] = max(metrics["max_tokens"], int(lengths.max()))
             metrics[f"{name}_labelled_share"] = labelled_share(rows)
             metrics[f"{name}_tokens"] = int(lengths.sum())
-            log(f"{name}: {len(frame)} examples, {int(lengths.sum())} tokens, {truncated} truncated, {dropped} dropped")
-        write_json(out / FORMAT, fmt.describe())
-    described = fmt.describe()
+            log(f"{name}: {len(frame)} examples, {int(lengths.sum())} tokens, {truncated} truncated")
+        described = fmt.describe()  # after encoding: the stop tokens are those the answers ended with
+        write_json(out / FORMAT, described)
     write_json(Path(p.paths.metrics) / "tokenize.json", dict(metrics, **{k: described[k] for k in
                                                                           ("template", "template_hash", "system_prompt")}))
     log(f"format {described['template']} ({described['template_hash']}), system prompt: {described['system_prompt']}, "

@@ -95,7 +95,7 @@ def test_bad_raw_data_names_the_file(workdir, setup, message):
     assert not (workdir / "data/prepared").exists(), "nothing half-written"
 
 
-def test_tokenize_masks_the_prompt_and_counts_truncation(workdir, tokenizer_dir):
+def test_tokenize_masks_the_prompt_counts_truncation_and_stops_on_unlabelled_examples(workdir, tokenizer_dir):
     from transformers import AutoTokenizer
 
     from stages import tokenize as stage
@@ -113,11 +113,21 @@ def test_tokenize_masks_the_prompt_and_counts_truncation(workdir, tokenizer_dir)
     assert tokenizer.decode(answer).strip() == f"{ex['completion']}<|im_end|>"
     assert ex["input_ids"][ex["prompt_length"]:] == answer
 
-    set_params(workdir / "params.yaml", {"tokenize.max_length": ex["prompt_length"] + 1})
+    longest_prompt = max(load_split("data/tokenized", "train")["prompt_length"])
+    set_params(workdir / "params.yaml", {"tokenize.max_length": longest_prompt + 1})
     stage.main()
     metrics = json.loads((workdir / "metrics/tokenize.json").read_text())
-    assert metrics["truncated"] > 0 and metrics["truncated"] + metrics["dropped_prompt_too_long"] == 40
-    assert max(map(len, load_split("data/tokenized", "train")["input_ids"])) == ex["prompt_length"] + 1
+    assert metrics["truncated"] > 0 and metrics["max_tokens"] == longest_prompt + 1
+    assert max(map(len, load_split("data/tokenized", "train")["input_ids"])) == longest_prompt + 1
+    tokenized = {f: f.read_bytes() for f in (workdir / "data/tokenized").iterdir()}
+
+    # A prompt that fills max_length leaves no labelled token: the stage stops, naming how many, where,
+    # and the params to change, and keeps the last good output.
+    set_params(workdir / "params.yaml", {"tokenize.max_length": longest_prompt})
+    with pytest.raises(SystemExit, match=r"tokenize: [1-9]\d* of \d+ examples in .*train.jsonl \(lines .*no labelled "
+                                         rf"token.*tokenize.max_length={longest_prompt}.*tokenize.system_prompt"):
+        stage.main()
+    assert {f: f.read_bytes() for f in (workdir / "data/tokenized").iterdir()} == tokenized
 
 
 def write_with_bad_lines(path):
