@@ -11,10 +11,6 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: repro test install clean exps plots compare noise s3-server
 
-# `dvc exp show` narrowed to what answers "which run generalised best": changed params and
-# metrics only (no dependency hashes, perplexities or interval bounds), lowest val loss first.
-EXPS_DROP := Created|data/|models/|stages/|qlora/|metrics/live|metrics/\w+\.json$$|.*perplexity|.*seconds|.*_ci_(low|high)
-
 repro: $(VENV)/.installed
 	dvc repro
 	dvc metrics show --md metrics/evaluate.json
@@ -24,17 +20,19 @@ test: $(VENV)/.installed-dev
 
 install: $(VENV)/.installed
 
+# The experiments of the current commit (or of REVS; only EXPS="a b" if given) on the console, lowest val loss first: the params
+# that differ and the key metrics, test metrics ± the half-width of their 95% interval.
 exps: $(VENV)/.installed
-	dvc exp show --only-changed --drop '$(EXPS_DROP)' --sort-by metrics/evaluate.json:val_loss --sort-order asc
+	python -m qlora.report exps $(REVS) $(if $(EXPS),--exps $(EXPS))
 
 # Curves of the workspace, or of REVS="exp1 exp2" overlaid, as a page that renders offline.
 plots: $(VENV)/.installed
 	python -m qlora.report plots $(REVS)
 
-# One page comparing every experiment of the current commit: reports/compare.{md,html}; each run
-# against REF (default: the baseline commit), paired over the same test examples.
+# One page comparing every experiment of the current commit (or only EXPS="a b"): reports/compare.{md,html};
+# each run against REF (default: the baseline commit), paired over the same test examples.
 compare: $(VENV)/.installed
-	python -m qlora.report compare $(REVS) $(if $(REF),--ref $(REF))
+	python -m qlora.report compare $(REVS) $(if $(REF),--ref $(REF)) $(if $(EXPS),--exps $(EXPS)) $(if $(SCREENSHOT),--screenshot $(SCREENSHOT))
 
 # The seed noise floor: the current params with train.seed = 1..SEEDS (DATA_SEEDS=1: data.seed too), queued
 # and run one at a time; the spread of each metric across them in reports/noise.{md,json}. make compare

@@ -13,7 +13,6 @@ edited. docs/your-model.md renders its table from that file (python -m qlora.rea
 
 import argparse
 import json
-import platform
 import re
 import shutil
 import subprocess
@@ -25,19 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qlora.outputs import provenance  # noqa: E402
 from qlora.scoring import PER_EXAMPLE, PRIMARY, paired_interval  # noqa: E402
-
-
-def versions():
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "dvc")}
-
-
-def cpu_model():
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"model name\s*:\s*(.+)", text)
-    return found.group(1).strip() if found else platform.processor()
 
 
 def main():
@@ -80,8 +68,8 @@ def main():
                                 [r[PER_EXAMPLE[primary]] for r in rows])
     config = json.loads((project / "models/base/config.json").read_text())
     result = dict(
-        name=args.name, edits=edits, commit=commit, machine=f"{cpu_model()}, {subprocess.os.cpu_count()} cores",
-        versions=versions(), model_type=config["model_type"], vocab_size=config["vocab_size"],
+        name=args.name, edits=edits, **dict(provenance(), commit=commit),
+        model_type=config["model_type"], vocab_size=config["vocab_size"],
         parameters=metrics["quantize"]["parameters"], task=task, primary=primary, test_examples=len(rows),
         template=metrics["tokenize"]["template"], system_prompt=metrics["tokenize"]["system_prompt"],
         stop_tokens=json.loads((project / "data/tokenized/format.json").read_text())["stop_tokens"],

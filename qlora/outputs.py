@@ -45,3 +45,23 @@ def write_json(path, data):
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 
+
+
+def provenance(cwd=None):
+    """Where a measured figure comes from: the machine, the library versions, the commit and the date.
+    Written beside every result that README or docs render."""
+    import datetime
+    import platform
+    import re
+    import subprocess
+    from importlib.metadata import version
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    found = re.search(r"model name\s*:\s*(.+)", cpuinfo)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd)
+    return dict(
+        machine=f"{found.group(1).strip() if found else platform.processor()}, {len(os.sched_getaffinity(0))} cores",
+        versions={name: version(name) for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "dvc")},
+        commit=commit.stdout.strip() or None,
+        date=datetime.date.today().isoformat(),
+    )

@@ -1,14 +1,16 @@
 """Offline plots and the experiment comparison report; no stage, run on demand.
 
+    python -m qlora.report exps [REV ...]    # the experiments as a table on the console, best first
     python -m qlora.report plots [REV ...]   # dvc plots show/diff, rendered offline
     python -m qlora.report compare [REV ...] # one page: experiments, changed params, metrics, curves
+    python -m qlora.report noise --seeds N   # the seed noise floor: reports/noise.{md,json}
 
 `dvc plots show` writes HTML whose charting scripts load from a CDN, so the page is
 blank offline. `plots` hands DVC an HTML template with the chart library (vega,
 vega-lite, vega-embed, from the `vl-convert-python` wheel) inlined, so the page
 works with no network. `compare` reads `dvc exp show --json` and `dvc plots diff
---json` (DVC overlays the curves) and writes reports/compare.md (with PNG charts)
-and reports/compare.html (self-contained, SVG charts).
+--json` (DVC overlays the curves) and writes reports/compare.md (with PNG charts),
+reports/compare.html (self-contained, SVG charts) and reports/compare.json (the tables).
 """
 
 import argparse
@@ -28,6 +30,7 @@ KEY_METRICS = [
     ("metrics/evaluate.json", "best_val_step", "best step"),
     ("metrics/evaluate.json", "val_loss_rise_pct", "rise %"),
     ("metrics/evaluate.json", "overfitting", "overfitting"),
+    ("metrics/evaluate.json", "test_loss", "test loss"),
     ("metrics/evaluate.json", "test_accuracy", "test acc"),  # classification
     ("metrics/evaluate.json", "test_macro_f1", "macro F1"),
     ("metrics/evaluate.json", "test_answered", "answered"),
@@ -98,21 +101,27 @@ def flatten(tree, prefix=""):
     return flat
 
 
-def experiment_rows(revs=None):
-    """One row per experiment (and its baseline commit): name, rev, flat params, metrics by file."""
+def experiment_rows(revs=None, names=None):
+    """One row per experiment (and its baseline commit): name, rev, flat params, metrics by file.
+    With `names`, only those experiments (and the commit)."""
     rows = []
     for baseline in json.loads(dvc("exp", "show", "--json", *(["--rev", *revs] if revs else []))):
         if baseline["rev"] == "workspace":
             continue
-        entries = [(baseline["name"] or baseline["rev"][:7], baseline)]
+        entries = [(baseline["name"] or baseline["rev"][:7], baseline, True)]
         for exp in baseline.get("experiments") or []:
-            entries += [(exp.get("name") or r["rev"][:7], r) for r in exp["revs"][:1]]
-        for name, entry in entries:
+            entries += [(exp.get("name") or r["rev"][:7], r, False) for r in exp["revs"][:1]]
+        for name, entry, is_commit in entries:
+            if names and not is_commit and name not in names:
+                continue
             data = entry.get("data") or {}
             params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
             metrics = {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()}
             rows.append(dict(name=name, rev=entry["rev"], params=params, metrics=metrics,
                              status=data.get("status") or "Success"))
+    if names and set(names) - {r["name"] for r in rows}:
+        raise SystemExit(f"no experiment named {', '.join(sorted(set(names) - {r['name'] for r in rows}))} "
+                         "on this commit (dvc exp show lists them)")
     return rows
 
 
@@ -126,23 +135,56 @@ def best_row(rows):
     return min(scored, key=lambda r: r["metrics"][BEST_BY[0]][BEST_BY[1]]) if scored else None
 
 
-def table(rows, changed, best):
-    def fmt(value):
-        if isinstance(value, float):
-            return f"{value:.4g}" if math.isfinite(value) else str(value)
-        return "" if value is None else str(value)
+def cell(value, width=28):
+    """A value as one short line: floats to 4 significant digits, a multi-line param (a prompt
+    template) on one line, cut at `width` characters."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    text = "" if value is None else str(value) if not isinstance(value, (list, dict)) else json.dumps(value)
+    text = text.replace("\n", "⏎")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
+
+def with_interval(metrics, key):
+    """A metric as `value ±half-width` of its 95% interval (`<key>_ci_low/high`) when it has one."""
+    value = metrics.get(key)
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if isinstance(value, (int, float)) and isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return f"{cell(value)} ±{(high - low) / 2:.2g}"
+    return cell(value)
+
+
+def table(rows, changed, best):
     shown = [(f, k, title) for f, k, title in KEY_METRICS  # the task's metrics: a column no run has is left out
              if any(k in r["metrics"].get(f, {}) for r in rows)]
     head = ["experiment", *changed, *(title for _, _, title in shown)]
-    body = [[("★ " if r is best else "") + r["name"], *(fmt(r["params"].get(k)) for k in changed),
-             *(fmt(r["metrics"].get(f, {}).get(k)) for f, k, _ in shown)] for r in rows]
+    body = [[("★ " if r is best else "") + r["name"], *(cell(r["params"].get(k)) for k in changed),
+             *(with_interval(r["metrics"].get(f, {}), k) for f, k, _ in shown)] for r in rows]
     return head, body
+
+
+def by_val_loss(rows):
+    """Lowest val loss first; runs without one (failed, queued) last."""
+    value = lambda r: r["metrics"].get(BEST_BY[0], {}).get(BEST_BY[1])  # noqa: E731
+    return sorted(rows, key=lambda r: (not isinstance(value(r), (int, float)), value(r) or 0))
+
+
+def exps(revs=None, names=None):
+    """The experiments of the current commit (or of REVS) as a console table, lowest val loss first:
+    the params that differ between them and the key metrics, each test metric ± the half-width of its
+    95% interval. `dvc exp show` has every column; this has the ones that tell runs apart."""
+    import pandas as pd
+
+    rows = by_val_loss(experiment_rows(revs, names))
+    if not rows:
+        raise SystemExit("exps: no experiments found; run `dvc exp run` first")
+    head, body = table(rows, changed_params(rows), best_row(rows))
+    return pd.DataFrame(body, columns=head).to_string(index=False)
 
 
 def markdown_table(head, body):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+    lines += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in body]
     return "\n".join(lines)
 
 
@@ -175,6 +217,15 @@ def same_test_set(a, b):
     """Whether two runs were scored on the same test examples in the same order: only then can their
     scores be paired. A changed data.* (split, seed, labels, file) gives another test set."""
     return [(r["input"], r["expected"]) for r in a] == [(r["input"], r["expected"]) for r in b]
+
+
+def unpaired_reason(ref_preds, preds):
+    """Why two runs' test predictions cannot be paired, or None when they can."""
+    if not preds or not ref_preds or "loss_sum" not in preds[0] or "loss_sum" not in ref_preds[0]:
+        return "no per-example predictions"
+    if not same_test_set(ref_preds, preds):
+        return "not comparable: another test set (data.* changed)"
+    return None
 
 
 def paired_comparison(ref, rows, floor=None):
@@ -222,10 +273,9 @@ def comparisons(rows, ref_name):
         if row is ref:
             continue
         preds = predictions_at(row["rev"])
-        if not preds or not ref_preds or "loss_sum" not in preds[0] or "loss_sum" not in ref_preds[0]:
-            body.append([row["name"], "", "", "", "", "", "no per-example predictions"])
-        elif not same_test_set(ref_preds, preds):
-            body.append([row["name"], "", "", "", "", "", "not comparable: another test set (data.* changed)"])
+        reason = unpaired_reason(ref_preds, preds)
+        if reason:
+            body.append([row["name"], "", "", "", "", "", reason])
         else:
             body += [[row["name"], name, str(value), str(base), f"{diff:+}", f"[{low}, {high}]", verdict]
                      for name, value, base, diff, low, high, verdict in paired_comparison(ref_preds, preds, floor)]
@@ -240,11 +290,11 @@ def versus_runner_up(rows, best):
         return ""
     runner_up = scored[1]
     mine, theirs = predictions_at(best["rev"]), predictions_at(runner_up["rev"])
-    if not mine or not theirs or "loss_sum" not in mine[0] or "loss_sum" not in theirs[0] \
-            or not same_test_set(theirs, mine):
-        return f" The runner-up, {runner_up['name']}, was scored on another test set: no paired comparison."
+    reason = unpaired_reason(theirs, mine)
+    if reason:
+        return f" The runner-up, {runner_up['name']}, cannot be paired with it ({reason})."
     told = [f"{name} {verdict} ({diff:+}, [{low}, {high}])" for name, _, _, diff, low, high, verdict
-            in paired_comparison(theirs, mine) if verdict != "within noise"]
+            in paired_comparison(theirs, mine, noise_floor()) if not verdict.startswith("within noise")]
     if not told:
         return (f" Against the runner-up, {runner_up['name']}, every test difference is within noise: "
                 "the two are not told apart on this test set.")
@@ -298,7 +348,10 @@ def noise(seeds, out, data_seeds=False):
     summary = {key: dict(values=v, mean=round(statistics.mean(v), 4), std=round(statistics.stdev(v), 4),
                          min=min(v), max=max(v), spread=round(max(v) - min(v), 4))
                for key, v in values.items() if len(v) > 1}
-    result = dict(seeds=seeds, data_seeds=data_seeds, experiments=[r["name"] for r in rows], metrics=summary)
+    from qlora.outputs import provenance
+
+    result = dict(seeds=seeds, data_seeds=data_seeds, experiments=[r["name"] for r in rows], metrics=summary,
+                  **provenance())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NOISE}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -322,10 +375,10 @@ def noise_floor(folder=REPORTS):
     return {key.removeprefix("test_"): m["spread"] for key, m in metrics.items() if key != "val_loss"}
 
 
-def compare(revs, out, ref_name=None):
+def compare(revs, out, ref_name=None, names=None):
     import vl_convert
 
-    rows = experiment_rows(revs)
+    rows = experiment_rows(revs, names)
     if not rows:
         raise SystemExit("compare: no experiments found; run `dvc exp run` first")
     changed = changed_params(rows)
@@ -357,29 +410,65 @@ def compare(revs, out, ref_name=None):
         md += [f"## {title}", "", f"![{title}]({image.name})", ""]
         html += [f"<h2>{title}</h2>", vl_convert.vegalite_to_svg(spec)]
     html.append("</body></html>")
+    from qlora.outputs import provenance
+
+    against = [dict(zip(["experiment", "metric", "value", "reference", "difference", "interval", "verdict"], row))
+               for row in pair_body]
+    (out / "compare.json").write_text(json.dumps(dict(
+        summary=summary, ref=ref_name, changed=changed, runs=[dict(zip(head, row)) for row in body],
+        against=against, **provenance()), indent=2, ensure_ascii=False) + "\n")
     (out / "compare.md").write_text("\n".join(md))
     (out / "compare.html").write_text("\n".join(html))
     return out / "compare.html"
 
 
+def screenshot(page, png, size="1280x1600"):
+    """A PNG of a page as headless Chromium renders it with no network (the docs' pictures of it)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        raise SystemExit("--screenshot: chromium is not installed (apt-get install chromium)")
+    png = Path(png).resolve()
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
+             f"--window-size={size.replace('x', ',')}", "--virtual-time-budget=15000", f"--screenshot={png}",
+             Path(page).resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    if result.returncode != 0 or not png.exists():
+        raise SystemExit(f"--screenshot: chromium failed:\n{result.stderr[-2000:]}")
+    return png
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qlora.report", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["plots", "compare", "noise"])
+    parser.add_argument("command", choices=["exps", "plots", "compare", "noise"])
     parser.add_argument("--seeds", type=int, default=3, help="noise: train.seed = 1..SEEDS")
     parser.add_argument("--data-seeds", action="store_true", help="noise: set data.seed to the same seed too")
     parser.add_argument("revs", nargs="*", help="plots: revisions or experiment names to overlay; "
-                                                "compare: baseline commits whose experiments to compare")
+                                                "exps, compare: baseline commits whose experiments to show")
     parser.add_argument("-o", "--out", default=None, help="output folder (default reports/plots or reports)")
+    parser.add_argument("--exps", nargs="+", default=None, metavar="NAME",
+                        help="exps, compare: only these experiments (and the commit they are based on)")
+    parser.add_argument("--screenshot", default=None, metavar="PNG",
+                        help="plots, compare: also a picture of the page, from headless Chromium")
+    parser.add_argument("--size", default="1280x1600", help="--screenshot: the window, WIDTHxHEIGHT")
     parser.add_argument("--ref", default=None, help="compare: the run every other is compared with, paired "
                                                     "(default: the baseline commit)")
     args = parser.parse_args(argv)
+    if args.command == "exps":
+        print(exps(args.revs, args.exps))
+        return 0
     if args.command == "plots":
         page = plots(args.revs, args.out or REPORTS / "plots")
     elif args.command == "noise":
         page = noise(args.seeds, args.out or REPORTS, args.data_seeds)
     else:
-        page = compare(args.revs, args.out or REPORTS, args.ref)
+        page = compare(args.revs, args.out or REPORTS, args.ref, args.exps)
     print(page)
+    if args.screenshot and args.command in ("plots", "compare"):
+        print(screenshot(page, args.screenshot, args.size))
 
 
 if __name__ == "__main__":

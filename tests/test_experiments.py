@@ -92,6 +92,15 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
     assert {(cells[0].strip("| "), cells[1]) for cells in paired} == {(n, m) for n in ("small", "large") for m in metrics}
     assert all(cells[-1].strip(" |") in ("better", "worse", "within noise") for cells in paired)
 
+    # The console table: changed params first, lowest val loss first, test metrics ± the half-width of
+    # their interval.
+    console = run([*python, "exps"], p).stdout.splitlines()
+    assert console[0].split()[:4] == ["experiment", "lora.r", "val", "loss"]
+    assert console[1].split()[:2] == ["★", best], "lowest val loss first"
+    assert all(re.search(r"\d ±0\.\d+ ", line) for line in console[1:]), "test metrics with their interval"
+    only = run([*python, "exps", "--exps", "small"], p).stdout.splitlines()[1:]
+    assert len(only) == 2 and not any(" large " in line for line in only), "the baseline and the one named"
+
     run(["dvc", "exp", "run", "-n", "other-split", "-S", "data.seed=7"], p)
     run([*python, "compare", "--ref", "small"], p)
     against = (p / "reports/compare.md").read_text().split("\n## Against ")[1]
@@ -129,3 +138,15 @@ def test_noise_runs_each_seed_once_and_writes_the_spread(tiny_project):
     assert "| val_loss |" in (p / "reports/noise.md").read_text()
     run(python, p)  # a second call reuses the runs
     assert len([n for n in exp_rows(p) if n.startswith("noise-seed-")]) == 2
+
+
+def test_a_multi_line_param_and_an_interval_fit_one_cell():
+    from qlora.report import cell, markdown_table, with_interval
+
+    template = "Which section is this package in?\n\n{name}: {summary}\n" * 3
+    shown = cell(template)
+    assert "\n" not in shown and len(shown) == 28 and shown.startswith("Which section is this packa")
+    assert with_interval(dict(test_accuracy=0.9062, test_accuracy_ci_low=0.8438, test_accuracy_ci_high=0.9583),
+                         "test_accuracy") == "0.9062 ±0.057"
+    assert with_interval(dict(val_loss=0.1643), "val_loss") == "0.1643"
+    assert markdown_table(["a"], [["x\ny|z"]]).splitlines()[-1] == "| x y\\|z |"
