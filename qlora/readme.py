@@ -43,6 +43,36 @@ def default_scores():
     return "\n".join(lines)
 
 
+def noise_floor():
+    """The spread of the default's metrics across training seeds (make noise, reports/noise.json)."""
+    n, e = read("noise", "reports"), read("evaluate")
+    names = dict(val_loss="val loss", test_loss="test loss", test_accuracy="test accuracy",
+                 test_macro_f1="test macro F1", test_answered="answered", test_exact_match="test exact match",
+                 test_chrf="test chrF", test_rouge_l="test ROUGE-L")
+    lines = ["| metric | mean | std | min – max | spread (max − min) |", "|---|---|---|---|---|"]
+    lines += [f"| {names.get(key, key)} | {m['mean']} | {m['std']} | {m['min']} – {m['max']} | {m['spread']} |"
+              for key, m in n["metrics"].items()]
+    seeds = ", ".join(str(s) for s in range(1, n["seeds"] + 1))
+    half = (e["test_accuracy_ci_high"] - e["test_accuracy_ci_low"]) / 2
+    acc = n["metrics"].get("test_accuracy")
+    lines += ["", f"`train.seed` = {seeds}" + (" (and `data.seed` the same)" if n["data_seeds"] else "")
+              + f", every other param the default; {n['machine']}, {n['date']}."
+              + (f" One run's bootstrap interval of test accuracy is ±{half:.3f} wide; the seeds alone moved it "
+                 f"by up to {acc['spread']}." if acc else "")]
+    return "\n".join(lines)
+
+
+def compare_example():
+    """A real `make compare` page (docs/compare-example, written by python -m qlora.report compare -o)."""
+    c = read("compare", "docs/compare-example")
+    lines = [c["summary"], "", f"| experiment | metric | value | {c['ref']} | difference | 95% interval | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['experiment']} | {r['metric']} | {r['value']} | {r['reference']} | {r['difference']} | "
+              f"{r['interval']} | {r['verdict']} |" for r in c["against"]]
+    lines += ["", f"{c['machine']}, {c['date']}."]
+    return "\n".join(lines)
+
+
 def bring_your_model(name):
     """A new user's run on their own model and data (benchmarks/bring_your_model.py), as a table."""
     def make():
@@ -79,7 +109,7 @@ def bring_your_model(name):
 
 
 BLOCKS = {
-    "README.md": {"default-scores": default_scores},
+    "README.md": {"default-scores": default_scores, "noise-floor": noise_floor, "compare-example": compare_example},
     "docs/your-model.md": {"byom-gemma3": bring_your_model("gemma3-270m-writing-systems")},
 }
 
