@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: repro test install clean exps plots compare noise s3-server
+.PHONY: repro test install clean exps plots compare noise docs s3-server
 
 repro: $(VENV)/.installed
 	dvc repro
@@ -33,6 +33,11 @@ plots: $(VENV)/.installed
 # each run against REF (default: the baseline commit), paired over the same test examples.
 compare: $(VENV)/.installed
 	python -m qlora.report compare $(REVS) $(if $(REF),--ref $(REF)) $(if $(EXPS),--exps $(EXPS)) $(if $(SCREENSHOT),--screenshot $(SCREENSHOT))
+
+# Every measured figure of README.md, docs/ and benchmarks/README.md, rendered afresh from the metrics
+# and results files (python -m qlora.docs); `make test` fails while one differs from its file.
+docs: $(VENV)/.installed
+	python -m qlora.docs
 
 # The seed noise floor: the current params with train.seed = 1..SEEDS (DATA_SEEDS=1: data.seed too), queued
 # and run one at a time; the spread of each metric across them in reports/noise.{md,json}. make compare

@@ -1,10 +1,16 @@
-"""Render the measured figures of README.md and docs/ from the files the pipeline and the
-benchmarks wrote, so they cannot drift.
+"""Render every measured figure of README.md, docs/ and benchmarks/README.md from the files the
+pipeline and the benchmarks wrote, so that no figure is typed by hand and none can drift.
 
-    python -m qlora.readme          # rewrite each block between its markers
-    python -m qlora.readme --check  # exit 1 if a block differs from what the files say
+    make docs                        # python -m qlora.docs: rewrite what sits between the markers
+    python -m qlora.docs --check     # exit 1, naming file and marker, if anything differs
 
-A block sits between `<!-- begin NAME (python -m qlora.readme) -->` and `<!-- end NAME -->`.
+Two kinds of marker, both HTML comments (GitHub shows only what is rendered between them):
+- a table or paragraph made by a function of BLOCKS:
+  `<!-- begin NAME (make docs) -->` ... `<!-- end NAME -->`;
+- a figure inside prose, a Jinja2 expression over the result files:
+  `<!-- = metrics.export.answer_agreement | pct -->98.3%<!-- / -->`.
+The expressions see `metrics` (metrics/*.json), `results` (benchmarks/results/*.json) and
+`reports` (reports/*.json), each by file stem.
 """
 
 import argparse
@@ -14,6 +20,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FILES = ["README.md", "docs/*.md", "benchmarks/README.md"]
+FOLDERS = dict(metrics="metrics", results="benchmarks/results", reports="reports")
+BLOCK = re.compile(r"(<!-- begin ([\w-]+) \(make docs\) -->\n)(.*?)(<!-- end \2 -->)", re.S)
+INLINE = re.compile(r"(<!-- = (.+?) -->)(.*?)(<!-- / -->)")
 
 
 def read(name, folder="metrics"):
@@ -109,37 +119,83 @@ def bring_your_model(name):
 
 
 BLOCKS = {
-    "README.md": {"default-scores": default_scores, "noise-floor": noise_floor, "compare-example": compare_example},
-    "docs/your-model.md": {"byom-gemma3": bring_your_model("gemma3-270m-writing-systems")},
+    "default-scores": default_scores,
+    "noise-floor": noise_floor,
+    "compare-example": compare_example,
+    "byom-gemma3": bring_your_model("gemma3-270m-writing-systems"),
 }
 
 
-def render(text, blocks, where):
-    for name, make in blocks.items():
-        pattern = re.compile(rf"(<!-- begin {name} \(python -m qlora.readme\) -->\n)(?:.*?\n)?(<!-- end {name} -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"{where}: no block {name!r} between its markers")
-        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
-    return text
+def pct(value, digits=1):
+    return f"{100 * value:.{digits}f}%"
+
+
+def times(value, digits=2):
+    return f"{value:.{digits}f}x"
+
+
+def environment():
+    """The Jinja2 environment of inline figures: the result files by folder and stem, and filters."""
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters.update(pct=pct, times=times, thousands=lambda v: f"{v:,}")
+    context = {name: {path.stem: json.loads(path.read_text()) for path in sorted((ROOT / folder).glob("*.json"))}
+               for name, folder in FOLDERS.items()}
+    return env, context
+
+
+def render(text, where, env=None):
+    """The text with every block and inline figure rendered afresh; stops naming the file and marker
+    when a block has no function or an expression fails (a key missing from its file)."""
+    import jinja2
+
+    env, context = env or environment()
+
+    def block(m):
+        if m.group(2) not in BLOCKS:
+            raise SystemExit(f"{where}: no block named {m.group(2)!r} (known: {', '.join(BLOCKS)})")
+        return m.group(1) + BLOCKS[m.group(2)]() + "\n" + m.group(4)
+
+    def inline(m):
+        try:
+            value = env.from_string("{{ " + m.group(2) + " }}").render(context)
+        except jinja2.TemplateError as e:
+            raise SystemExit(f"{where}: cannot render <!-- = {m.group(2)} -->: {e}")
+        return m.group(1) + value + m.group(4)
+
+    return INLINE.sub(inline, BLOCK.sub(block, text))
+
+
+def files():
+    return [path for pattern in FILES for path in sorted(ROOT.glob(pattern))]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m qlora.readme", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="only check that every block is up to date")
+    parser = argparse.ArgumentParser(prog="python -m qlora.docs", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check that every figure is up to date")
     args = parser.parse_args(argv)
+    env = environment()
     stale = []
-    for where, blocks in BLOCKS.items():
-        path = ROOT / where
+    for path in files():
         text = path.read_text()
-        rendered = render(text, blocks, where)
-        if rendered != text:
-            stale.append(where)
-            if not args.check:
-                path.write_text(rendered)
+        rendered = render(text, path.relative_to(ROOT), env)
+        if rendered == text:
+            continue
+        old, new = dict(marked(text)), dict(marked(rendered))
+        stale += [f"{path.relative_to(ROOT)}: {name}" for name in new if old.get(name) != new[name]]
+        if not args.check:
+            path.write_text(rendered)
     if args.check and stale:
-        print(f"out of date: {', '.join(stale)}; run python -m qlora.readme", file=sys.stderr)
+        print("out of date (make docs rewrites them from their files):\n  " + "\n  ".join(stale), file=sys.stderr)
         return 1
     return 0
+
+
+def marked(text):
+    """(marker, what it shows) for every block and inline figure of a text, in order."""
+    found = [(m.group(2), m.group(3)) for m in BLOCK.finditer(text)]
+    return found + [(f"<!-- = {m.group(2)} -->", m.group(3)) for m in INLINE.finditer(text)]
 
 
 if __name__ == "__main__":
