@@ -83,6 +83,59 @@ def compare_example():
     return "\n".join(lines)
 
 
+def stage_times():
+    """Each stage of a fresh `make repro` (benchmarks/repro.py), its time and what it did, from that run."""
+    r = read("repro", "benchmarks/results")
+    m = r["metrics"]
+    p, t, q, tr, e, b, x = (m[k] for k in ("prepare", "tokenize", "quantize", "train", "evaluate", "evaluate_base",
+                                           "export"))
+    did = dict(
+        validate="params.yaml and the raw data checked",
+        base="the GGUF file dequantized, saved as safetensors with its tokenizer",
+        prepare=f"{p['raw_rows']:,} rows read; {p['train_examples']} train, {p['val_examples']} val, "
+                f"{p['test_examples']} test examples ({p['dropped_other_label']:,} rows of other labels and "
+                f"{p['dropped_duplicate']} duplicates left out)",
+        tokenize=f"`{t['template']}` template, prompt masked; {t['train_tokens']:,} train tokens, "
+                 f"{t['truncated']} truncated",
+        quantize=f"{q['bits']}-bit: {q['memory_footprint_mb']} MB in memory, {q['ratio_to_bf16']}x of bf16 "
+                 f"({q['bits_per_parameter']} bits per parameter)",
+        train=f"{tr['trainable_parameters']:,} trainable parameters ({tr['trainable_fraction']:.2%}); {tr['steps']} "
+              f"steps in {tr['epochs']:g} epochs, {tr['seconds']:.0f} s of them at {tr['tokens_per_second']} "
+              f"tokens/s; final train loss {tr['final_loss']}",
+        evaluate_base=f"the base model on test: loss {b['test_loss']}, {b['task']} scored on "
+                      f"{p['test_examples']} generated answers",
+        evaluate=f"the fine-tuned model on a train sample, val and test: val loss {e['val_loss']}, test loss "
+                 f"{e['test_loss']}; {p['test_examples']} answers generated",
+        export=f"adapter merged, saved in {x['dtype']} ({x['disk_mb']} MB); the same answer as the adapter on "
+               f"{x['answer_agreement']:.0%} of test, test loss {x['test_loss']} vs {x['adapter_test_loss']}",
+    )
+    lines = ["| stage | time | what it did |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds:.0f} s | {did.get(name, '')} |" for name, seconds in r["stages"].items()]
+    minutes, seconds = divmod(round(r["total_seconds"]), 60)
+    lines += [f"| **total** | **{minutes} min {seconds} s** | `{r['command']}` in a fresh clone, nothing cached |",
+              "", f"{r['machine']}, {r['date']}. A second `dvc repro` right after found nothing to do in "
+                  f"{r['noop_seconds']} s."]
+    return "\n".join(lines)
+
+
+def after_repro():
+    """What `git status` shows after a fresh clone's `make repro` on this machine (benchmarks/repro.py)."""
+    r = read("repro", "benchmarks/results")
+    changed = r["modified_after"]
+    if not changed:
+        return (f"On {r['machine']}, `git status` after `make repro` in a fresh clone showed no modified "
+                "file: the run reproduced every committed output exactly.")
+    return (f"On {r['machine']}, `git status` after `make repro` in a fresh clone showed {len(changed)} "
+            f"modified files: " + ", ".join(f"`{f}`" for f in changed) + ".")
+
+
+def console():
+    """The console of a fresh `make repro`, as a terminal left it (benchmarks/repro.py)."""
+    r = read("repro", "benchmarks/results")
+    log = (ROOT / "benchmarks/results/repro-console.log").read_text().strip("\n")
+    return "\n".join([f"`make repro` in a fresh clone, {r['machine']}, {r['date']}:", "", "```text", log, "```"])
+
+
 def bring_your_model(name):
     """A new user's run on their own model and data (benchmarks/bring_your_model.py), as a table."""
     def make():
@@ -123,6 +176,9 @@ BLOCKS = {
     "noise-floor": noise_floor,
     "compare-example": compare_example,
     "byom-gemma3": bring_your_model("gemma3-270m-writing-systems"),
+    "stage-times": stage_times,
+    "after-repro": after_repro,
+    "console": console,
 }
 
 

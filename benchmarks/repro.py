@@ -1,0 +1,103 @@
+"""A new user's `make repro`: a fresh clone, every stage from scratch, each stage timed, the console kept.
+
+    python benchmarks/repro.py [--keep DIR]
+
+Clones this repository's committed HEAD into a temporary folder, links this project's `.venv`
+into it (the environment `make install` builds, so its time is not counted), runs `make repro`
+there with nothing cached and writes:
+- `benchmarks/results/repro.json`: the wall time of each stage (from the moment DVC starts it
+  to the moment the next one starts), the whole run, a second `dvc repro` that finds nothing to
+  do, what `git status` shows in the clone afterwards, the run's metrics, and the machine,
+  versions, commit and date;
+- `benchmarks/results/repro-console.log`: what the console showed, as a terminal would (each
+  progress bar at its last redraw before a new line).
+README.md renders its stage table and docs/development.md the console from these (make docs).
+"""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qlora.outputs import provenance  # noqa: E402
+
+RESULTS = ROOT / "benchmarks/results"
+STAGE = re.compile(r"Running stage '(\w+)'")
+
+
+def as_terminal(raw):
+    """Text as a terminal leaves it: of a line redrawn with carriage returns, its last drawing."""
+    lines = []
+    for line in raw.replace("\r\n", "\n").split("\n"):
+        drawn = [part for part in line.split("\r") if part.strip()]
+        lines.append(drawn[-1] if drawn else "")
+    return "\n".join(lines)
+
+
+def run_timed(command, cwd, env):
+    """Run `command`, its stdout and stderr merged; returns (console text, start time of each stage, end)."""
+    start, starts, chunks = time.time(), {}, []
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        pending = ""
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            text = chunk.decode(errors="replace")
+            chunks.append(text)
+            pending += text
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                found = STAGE.search(line)
+                if found:
+                    starts[found.group(1)] = time.time() - start
+        code = proc.wait()
+    console = "".join(chunks)
+    if code:
+        raise SystemExit(f"{' '.join(command)} failed ({code}):\n{as_terminal(console)[-3000:]}")
+    return console, starts, time.time() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keep", type=Path, help="clone here and keep it, instead of a temporary folder")
+    args = parser.parse_args()
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="repro-"))
+    project = folder / "project"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
+    (project / ".venv").symlink_to(ROOT / ".venv")
+    for name in ("requirements.txt", "requirements-dev.txt"):  # the environment is built: make leaves it be
+        subprocess.os.utime(project / name, (0, 0))
+    env = dict(subprocess.os.environ, PATH=f"{ROOT / '.venv/bin'}:{subprocess.os.environ['PATH']}")
+    try:
+        console, starts, total = run_timed(["make", "repro"], project, env)
+        noop = time.time()
+        subprocess.run(["dvc", "repro"], cwd=project, env=env, check=True, capture_output=True)
+        noop = time.time() - noop
+        status = subprocess.run(["git", "status", "--short"], cwd=project, capture_output=True, text=True).stdout
+        ordered = sorted(starts, key=starts.get)
+        ends = [starts[name] for name in ordered[1:]] + [total]
+        metrics = {path.stem: json.loads(path.read_text()) for path in sorted((project / "metrics").glob("*.json"))
+                   if path.stem not in ("predictions", "base_answers", "confusion")}
+        result = dict(
+            command="make repro", stages={name: round(end - starts[name], 1) for name, end in zip(ordered, ends)},
+            total_seconds=round(total, 1), noop_seconds=round(noop, 2),
+            modified_after=[line[3:] for line in status.splitlines() if line.startswith(" M")],
+            untracked_after=[line[3:] for line in status.splitlines() if line.startswith("??")],
+            metrics=metrics, **provenance(project))
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "repro-console.log").write_text(as_terminal(console))
+    (RESULTS / "repro.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("stages", "total_seconds", "noop_seconds", "modified_after")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
