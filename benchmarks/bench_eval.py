@@ -12,10 +12,13 @@ The three models:
 - `4-bit, training path`: as every stage loads it now (`qlora.models.load_model`:
   dequantize each weight, then a bf16 matmul, the path training takes);
 - `bf16`: the same weights dequantized once into a plain bf16 model (no quantization).
-Prints medians and the answers' agreement with the bf16 model's.
+Writes `benchmarks/results/eval-4bit-vs-bf16.json` (every timing, the medians, the val loss and
+the answers' agreement with the bf16 model's, the machine, versions, commit and date), which
+benchmarks/README.md renders (make docs), and prints the table.
 """
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -74,16 +77,25 @@ def main():
                 print(f"rep {rep} {name:22s} loss pass {middle - start:6.2f} s  generation {end - middle:6.2f} s",
                       flush=True)
 
+    from qlora.outputs import provenance
+
     ref = times["bf16"]
-    print(f"\n{args.examples} val examples scored, {args.examples} test answers generated "
-          f"(batch {b}, up to {new} new tokens), {args.reps} runs each, medians, {torch.get_num_threads()} threads:\n")
-    print("| model | val-loss pass (s) | vs bf16 | generation (s) | vs bf16 | val loss | answers as bf16 |")
-    print("|---|---|---|---|---|---|---|")
+    rows = {}
     for name, t in times.items():
         loss, gen = statistics.median(t["loss"]), statistics.median(t["generate"])
-        same = sum(a == r for a, r in zip(answers[name], answers["bf16"])) / len(answers["bf16"])
-        print(f"| {name} | {loss:.2f} | {loss / statistics.median(ref['loss']):.2f}x | {gen:.2f} | "
-              f"{gen / statistics.median(ref['generate']):.2f}x | {losses[name]} | {100 * same:.0f}% |")
+        rows[name] = dict(loss_pass_seconds=round(loss, 2), generation_seconds=round(gen, 2),
+                          loss_pass_vs_bf16=round(loss / statistics.median(ref["loss"]), 2),
+                          generation_vs_bf16=round(gen / statistics.median(ref["generate"]), 2),
+                          loss_pass_runs=[round(x, 2) for x in t["loss"]], generation_runs=[round(x, 2) for x in t["generate"]],
+                          val_loss=losses[name],
+                          answers_as_bf16=round(sum(a == r for a, r in zip(answers[name], answers["bf16"]))
+                                                / len(answers["bf16"]), 4))
+    result = dict(examples=args.examples, reps=args.reps, batch_size=b, max_new_tokens=new,
+                  threads=torch.get_num_threads(), models=rows, **provenance())
+    out = ROOT / "benchmarks/results/eval-4bit-vs-bf16.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@
 Builds the train stage's own SFTTrainer (stages/train.py `build_trainer`) from
 params.yaml, with `-S key=value` overrides as `dvc exp run -S` takes them; runs
 `--warmup` steps, then times `--steps` more and profiles the last one. Prints the
-wall seconds per step and the operators by self CPU time (CUDA time on a GPU).
-Needs a reproduced project (`make repro`); writes only under a temporary folder.
+wall seconds per step and the operators by self CPU time (CUDA time on a GPU), and writes
+them to `benchmarks/results/<--name>.json` with the machine, versions, commit and date
+(benchmarks/README.md renders it, make docs). Needs a reproduced project (`make repro`);
+trains only under a temporary folder.
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -24,6 +27,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing starts")
     parser.add_argument("--steps", type=int, default=3, help="steps timed; the last is profiled")
     parser.add_argument("--rows", type=int, default=25, help="operators listed")
+    parser.add_argument("--name", default="profile-step", help="the results file: benchmarks/results/NAME.json")
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="key=value, as dvc exp run -S")
     args = parser.parse_args()
 
@@ -67,12 +71,25 @@ def main():
         trainer.args.eval_on_start = False
         trainer.train()
 
+    from qlora.outputs import provenance
+
     sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
-    print(callback.prof.key_averages().table(sort_by=sort, row_limit=args.rows))
+    averages = callback.prof.key_averages()
+    print(averages.table(sort_by=sort, row_limit=args.rows))
     tokens = trainer.state.num_input_tokens_seen
-    print(f"{sum(callback.times) / len(callback.times):.3f} s per step over {len(callback.times)} steps "
-          f"after {args.warmup} warm-up; {tokens} non-padding tokens in all {total} steps; "
-          f"overrides: {' '.join(args.overrides) or 'none'}")
+    per_step = sum(callback.times) / len(callback.times)
+    print(f"{per_step:.3f} s per step over {len(callback.times)} steps after {args.warmup} warm-up; {tokens} "
+          f"non-padding tokens in all {total} steps; overrides: {' '.join(args.overrides) or 'none'}")
+    whole = sum(getattr(e, sort) for e in averages)
+    top = sorted(averages, key=lambda e: getattr(e, sort), reverse=True)[: args.rows]
+    result = dict(seconds_per_step=round(per_step, 3), steps_timed=len(callback.times), warmup=args.warmup,
+                  tokens_per_step=round(tokens / total), overrides=args.overrides, time=sort,
+                  operators=[dict(name=e.key, seconds=round(getattr(e, sort) / 1e6, 4),
+                                  share=round(getattr(e, sort) / whole, 4), calls=e.count) for e in top],
+                  **provenance())
+    out = ROOT / "benchmarks/results" / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

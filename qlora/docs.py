@@ -136,6 +136,41 @@ def console():
     return "\n".join([f"`make repro` in a fresh clone, {r['machine']}, {r['date']}:", "", "```text", log, "```"])
 
 
+def eval_4bit():
+    """The evaluate stage's passes, 4-bit against bf16 (benchmarks/bench_eval.py)."""
+    r = read("eval-4bit-vs-bf16", "benchmarks/results")
+    titles = {"4-bit, bnb CPU path": "4-bit, bitsandbytes' packed CPU inference path (off in every stage)",
+              "4-bit, training path": "4-bit, dequantize-then-matmul (every stage)",
+              "bf16": "bf16, no quantization (the same weights, dequantized once)"}
+    lines = ["| model | val-loss pass (s) | vs bf16 | generation (s) | vs bf16 | val loss | answers as bf16 |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in r["models"].items():
+        lines.append(f"| {titles.get(name, name)} | {m['loss_pass_seconds']} | {times(m['loss_pass_vs_bf16'])} | "
+                     f"{m['generation_seconds']} | {times(m['generation_vs_bf16'])} | {m['val_loss']} | "
+                     f"{pct(m['answers_as_bf16'], 0)} |")
+    runs = "; ".join(f"{name}: loss pass {min(m['loss_pass_runs'])}-{max(m['loss_pass_runs'])} s, generation "
+                     f"{min(m['generation_runs'])}-{max(m['generation_runs'])} s" for name, m in r["models"].items())
+    lines += ["", f"{r['examples']} val examples scored and {r['examples']} test answers generated (batch "
+                  f"{r['batch_size']}, up to {r['max_new_tokens']} new tokens, KV cache on); medians of {r['reps']} "
+                  f"runs after a warm-up round, {r['threads']} threads; {r['machine']}, {r['date']}. "
+                  f"Range over the runs: {runs}."]
+    return "\n".join(lines)
+
+
+def profile(name):
+    """Where one optimizer step goes: the operators by self time (benchmarks/profile_step.py)."""
+    def make():
+        r = read(name, "benchmarks/results")
+        lines = ["| operator | self time per step (s) | share | calls |", "|---|---|---|---|"]
+        lines += [f"| `{o['name']}` | {o['seconds']} | {pct(o['share'])} | {o['calls']} |" for o in r["operators"]]
+        lines += ["", f"{r['seconds_per_step']} s per step (mean of {r['steps_timed']} after {r['warmup']} warm-up "
+                      f"steps), about {r['tokens_per_step']} non-padding tokens per step; overrides: "
+                      f"{' '.join(f'`{o}`' for o in r['overrides']) or 'none'}; {r['machine']}, {r['date']}."]
+        return "\n".join(lines)
+
+    return make
+
+
 def bring_your_model(name):
     """A new user's run on their own model and data (benchmarks/bring_your_model.py), as a table."""
     def make():
@@ -179,6 +214,8 @@ BLOCKS = {
     "stage-times": stage_times,
     "after-repro": after_repro,
     "console": console,
+    "eval-4bit": eval_4bit,
+    "profile-step": profile("profile-step"),
 }
 
 
