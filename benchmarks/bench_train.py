@@ -73,9 +73,8 @@ def ours(scratch, steps, overrides):
     out, wall, rss = run_measured([sys.executable, "-m", "stages.train"], work, env, scratch / "ours.log")
     train = json.loads((work / "metrics/train.json").read_text())
     live = work / "metrics/live/plots/metrics"
-    eval_seconds = sum(float(line.split("\t")[1]) for line in (live / "eval/runtime.tsv").read_text().splitlines()[1:])
-    runtime = last_value(out, "train_runtime") - eval_seconds
     tokens = float((live / "train/num_input_tokens_seen.tsv").read_text().splitlines()[-1].split("\t")[1])
+    runtime = tokens / train["tokens_per_second"]  # the stage's own training seconds, evaluations excluded
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / train["steps"],
                 final_loss=train["final_loss"], wall=wall, rss_mb=rss, steps=train["steps"])
 

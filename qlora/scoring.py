@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qlora.console import progress
 from qlora.splits import IGNORE_INDEX
 
 MODULES = Path(__file__).parent / "evaluate_modules"  # evaluate metrics that load offline
@@ -23,12 +24,13 @@ def pad(sequences, value, side="right"):
 
 
 @torch.no_grad()
-def example_losses(model, dataset, batch_size):
+def example_losses(model, dataset, batch_size, desc=None):
     """Per example: the summed cross-entropy of its completion tokens (the prompt is masked), and how
-    many tokens that is."""
+    many tokens that is. `desc` names the progress bar (none without)."""
     model.eval()
     device = next(model.parameters()).device
     sums, counts = [], []
+    bar = progress(len(dataset), desc, unit="ex")
     for start in range(0, len(dataset), batch_size):
         batch = dataset[start : start + batch_size]
         ids = pad(batch["input_ids"], 0).to(device)
@@ -41,6 +43,8 @@ def example_losses(model, dataset, batch_size):
         )
         sums += loss.sum(dim=1).tolist()
         counts += (targets != IGNORE_INDEX).sum(dim=1).tolist()
+        bar.update(len(ids))
+    bar.close()
     return sums, counts
 
 
@@ -50,19 +54,21 @@ def loss_summary(sums, counts):
     return dict(loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 3))
 
 
-def completion_loss(model, dataset, batch_size):
+def completion_loss(model, dataset, batch_size, desc=None):
     """Mean cross-entropy per completion token (the prompt is masked), and its perplexity."""
-    return loss_summary(*example_losses(model, dataset, batch_size))
+    return loss_summary(*example_losses(model, dataset, batch_size, desc))
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, stop_ids):
+def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, stop_ids, desc=None):
     """Greedy answers to each prompt (left-padded batches, KV cache on), decoded and stripped. Generation
-    stops at `stop_ids`, the tokens that end an answer in the tokenized format (qlora.splits.load_format)."""
+    stops at `stop_ids`, the tokens that end an answer in the tokenized format (qlora.splits.load_format).
+    `desc` names the progress bar (none without)."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
+    bar = progress(len(dataset), desc, unit="ex")
     for start in range(0, len(dataset), batch_size):
         batch = dataset[start : start + batch_size]
         prompts = [ids[:n] for ids, n in zip(batch["input_ids"], batch["prompt_length"])]
@@ -73,6 +79,8 @@ def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, stop
             pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True,
         )
         answers += [a.strip() for a in tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
+        bar.update(len(prompts))
+    bar.close()
     return answers
 
 

@@ -11,6 +11,7 @@ tokenizer to `paths.tokenizer` so that tokenization does not depend on the weigh
 import importlib.util
 from pathlib import Path
 
+from qlora.console import done, quiet_known_noise
 from qlora.outputs import atomic_dir, log
 from qlora.params import ParamsError, load_params
 
@@ -100,6 +101,7 @@ def check_source(b):
 
 
 def main():
+    quiet_known_noise()  # a local or hub model may come quantized with bitsandbytes
     p = load_params(PARAMS)
     b = p.base
     check_source(b)
@@ -121,8 +123,8 @@ def main():
         model.save_pretrained(weights, safe_serialization=True)
         tokenizer.save_pretrained(tok_dir)
     n = sum(t.numel() for t in model.parameters())
-    log(f"saved {n / 1e6:.1f}M parameters ({model.config.model_type}) to {p.paths.base}, tokenizer to "
-        f"{p.paths.tokenizer} ({'with' if tokenizer.chat_template else 'without'} a chat template)")
+    done(f"saved {n / 1e6:.1f}M parameters ({model.config.model_type}) to {p.paths.base}, tokenizer to "
+         f"{p.paths.tokenizer} ({'with' if tokenizer.chat_template else 'without'} a chat template)")
 
 
 if __name__ == "__main__":

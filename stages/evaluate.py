@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from qlora.console import done, quiet_known_noise
 from qlora.models import load_model
 from qlora.outputs import log, write_json
 from qlora.params import load_params
@@ -102,6 +103,7 @@ def predictions_markdown(rows, metrics, task, count):
 
 
 def main():
+    quiet_known_noise()  # before bitsandbytes is imported
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -119,12 +121,12 @@ def main():
     curve = val_curve_summary(metrics_dir / VAL_CURVE, trained["steps"] / trained["epochs"], e.overfitting_rise_pct)
     model = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
 
-    per_example = {name: example_losses(model, split, e.batch_size) for name, split in
+    per_example = {name: example_losses(model, split, e.batch_size, desc=f"{name} loss") for name, split in
                    (("train", train), ("val", val), ("test", test))}
     losses = {name: loss_summary(*sums_counts) for name, sums_counts in per_example.items()}
     log("loss " + ", ".join(f"{name} {v['loss']}" for name, v in losses.items()))
     answers = generate_answers(model, tokenizer, test, e.batch_size, answer_budget(e.max_new_tokens, full_train),
-                               load_format(p.paths.tokenized)["stop_token_ids"])
+                               load_format(p.paths.tokenized)["stop_token_ids"], desc="test answers")
     scores, scored = task_scores(task, answers, test["completion"], p.data.labels)
 
     metrics = {f"{name}_{k}": v for name, result in losses.items() for k, v in result.items()}
@@ -161,9 +163,9 @@ def main():
     write_json(metrics_dir / "confusion.json", confusion)
     (metrics_dir / "predictions.md").write_text(predictions_markdown(rows, metrics, task, e.samples))
     write_json(metrics_dir / "evaluate.json", metrics)
-    log(f"{task}: {headline(metrics, task)}; gap {metrics['gap']}, "
-        f"best val loss {curve['best_val_loss']} at step {curve['best_val_step']}, last {curve['last_val_loss']}"
-        f"{' (overfitting)' if curve['overfitting'] else ''}")
+    done(f"{task}: {headline(metrics, task)}; gap {metrics['gap']}, "
+         f"best val loss {curve['best_val_loss']} at step {curve['best_val_step']}, last {curve['last_val_loss']}"
+         f"{' (overfitting)' if curve['overfitting'] else ''}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ which pairs them with the fine-tuned model's example by example.
 
 from pathlib import Path
 
+from qlora.console import done, quiet_known_noise
 from qlora.models import load_model
-from qlora.outputs import log, write_json
+from qlora.outputs import write_json
 from qlora.params import load_params
 from qlora.scoring import (answer_budget, example_losses, generate_answers, interval, loss_summary, metric_samples,
                            resampled, resolve_task, task_scores)
@@ -21,6 +22,7 @@ PARAMS = ["evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens", "da
 
 
 def main():
+    quiet_known_noise()  # before bitsandbytes is imported
     from transformers import AutoTokenizer
 
     p = load_params(PARAMS)
@@ -31,10 +33,10 @@ def main():
     max_new_tokens = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
     model = load_model(p.paths.quantized)
 
-    sums, counts = example_losses(model, test, e.batch_size)
+    sums, counts = example_losses(model, test, e.batch_size, desc="test loss")
     loss = loss_summary(sums, counts)
     stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
-    answers = generate_answers(model, tokenizer, test, e.batch_size, max_new_tokens, stop_ids)
+    answers = generate_answers(model, tokenizer, test, e.batch_size, max_new_tokens, stop_ids, desc="test answers")
     scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
     metrics = dict(task=task, max_new_tokens=max_new_tokens, test_loss=loss["loss"],
                    test_perplexity=loss["perplexity"], **{f"test_{k}": v for k, v in scores.items()})
@@ -44,8 +46,8 @@ def main():
     write_json(Path(p.paths.metrics) / BASE_ANSWERS, [dict(answer=a, loss_sum=round(s, 5), tokens=c, **row)
                                                       for a, row, s, c in zip(answers, rows, sums, counts)])
     write_json(Path(p.paths.metrics) / "evaluate_base.json", metrics)
-    log(f"base model ({task}, up to {max_new_tokens} new tokens): test loss {metrics['test_loss']}, "
-        + ", ".join(f"{k} {v}" for k, v in scores.items()))
+    done(f"base model ({task}, up to {max_new_tokens} new tokens) on {len(test)} test examples: "
+         f"test loss {metrics['test_loss']}, " + ", ".join(f"{k} {v}" for k, v in scores.items()))
 
 
 if __name__ == "__main__":

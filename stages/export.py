@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
+from qlora.console import done, quiet_known_noise
 from qlora.models import is_quantized, load_model
-from qlora.outputs import atomic_dir, log, write_json
+from qlora.outputs import atomic_dir, write_json
 from qlora.params import load_params
 from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, completion_loss, generate_answers, paired_interval,
                            resolve_task, task_scores)
@@ -144,6 +145,7 @@ def model_card(p, base_config, version, params, metrics, check):
 
 
 def main():
+    quiet_known_noise()  # before bitsandbytes is imported
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -178,13 +180,14 @@ def main():
     e = p.evaluate
     task = resolve_task(e.task, p.data.labels)
     budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
-    answers = generate_answers(model, tokenizer, test, e.batch_size, budget, load_format(p.paths.tokenized)["stop_token_ids"])
+    stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
+    answers = generate_answers(model, tokenizer, test, e.batch_size, budget, stop_ids, desc="test answers")
     scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
     primary = PRIMARY[task]
     low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in predictions], [r[PER_EXAMPLE[primary]] for r in rows])
     check.update(
         answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, predictions)) / len(answers), 4),
-        test_loss=completion_loss(model, test, e.batch_size)["loss"],
+        test_loss=completion_loss(model, test, e.batch_size, desc="test loss")["loss"],
         adapter_test_loss=metrics["test_loss"],
         **{f"test_{primary}": scores[primary], f"adapter_test_{primary}": metrics[f"test_{primary}"]},
         **{f"{primary}_diff_ci_low": low, f"{primary}_diff_ci_high": high},  # export minus adapter, paired
@@ -199,11 +202,11 @@ def main():
         (out / "README.md").write_text(model_card(p, model.config, data_version(p), params, metrics, check))
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     write_json(metrics_dir / "export.json", dict(check, disk_mb=round(size / 2**20, 1)))
-    log(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
-        f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
-        f"argmax agreement {check['argmax_agreement']}, merge error {check['merge_max_abs_diff']}; "
-        f"test loss {check['test_loss']} (adapter {check['adapter_test_loss']}), same answer on "
-        f"{check['answer_agreement']:.1%} of test")
+    done(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
+         f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
+         f"argmax agreement {check['argmax_agreement']}, merge error {check['merge_max_abs_diff']}; "
+         f"test loss {check['test_loss']} (adapter {check['adapter_test_loss']}), same answer on "
+         f"{check['answer_agreement']:.1%} of test")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qlora.console import done, quiet_known_noise
 from qlora.models import device, quantization_config
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import load_params
@@ -38,6 +39,7 @@ def count_parameters(model):
 
 
 def main():
+    quiet_known_noise()  # before bitsandbytes is imported
     from transformers import AutoModelForCausalLM
 
     p = load_params(PARAMS)
@@ -64,8 +66,8 @@ def main():
         **config,
     )
     write_json(Path(p.paths.metrics) / "quantize.json", metrics)
-    log(f"{metrics['memory_footprint_mb']} MB in memory, {metrics['bits_per_parameter']} bits/parameter, "
-        f"{metrics['ratio_to_bf16']}x bf16")
+    done(f"{metrics['parameters'] / 1e6:.1f}M parameters at {q.bits} bit: {metrics['memory_footprint_mb']} MB in "
+         f"memory, {metrics['bits_per_parameter']} bits/parameter, {metrics['ratio_to_bf16']}x bf16")
 
 
 if __name__ == "__main__":

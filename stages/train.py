@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from qlora.checkpoints import fingerprint, live_snapshot_callback, newest_complete, restore_live, step_of
+from qlora.console import done, note, progress, quiet_known_noise
 from qlora.models import device, load_model, module_names, score_labelled_positions_only
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
@@ -119,7 +120,7 @@ def sft_config(t, output_dir, bf16, fp16, resuming=False):
         include_num_input_tokens_seen="non_padding",
         max_length=None,  # the tokenize stage already cut examples to tokenize.max_length
         report_to="none",
-        disable_tqdm=True,
+        disable_tqdm=False,  # a progress bar, though not the stock one: see progress_callback
         dataloader_num_workers=0,
     )
 
@@ -195,6 +196,55 @@ def finite_loss_callback():
     return FiniteLoss()
 
 
+def progress_callback():
+    """The Trainer's progress for a person, in place of transformers' ProgressCallback, which prints
+    each log as a raw dict: a bar of optimizer steps with the rate, the time left and the latest
+    train loss, learning rate and tokens/s beside it; at each evaluation a line with the train and
+    val loss side by side, so that overfitting shows in the console as it does in the curves."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        bar = val_bar = train_loss = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:  # the state is restored by now: a resumed run starts part way
+                self.bar = progress(state.max_steps, "train", unit="step", initial=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if self.bar is None:
+                return
+            if self.val_bar is None:
+                self.val_bar = progress(len(eval_dataloader), "val loss", unit="batch", leave=False)
+            self.val_bar.update()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is None or not logs:
+                return
+            if "loss" in logs:
+                self.train_loss = logs["loss"]
+                shown = [f"loss {logs['loss']:.4g}", f"lr {logs.get('learning_rate', 0):.2g}"]
+                if "tokens_per_second" in logs:
+                    shown.append(f"{logs['tokens_per_second']:.0f} tokens/s")
+                self.bar.set_postfix_str(", ".join(shown), refresh=False)  # shown at the next refresh
+            if "eval_loss" in logs:
+                if self.val_bar is not None:
+                    self.val_bar.close()
+                    self.val_bar = None
+                train = "before training" if self.train_loss is None else f"train loss {self.train_loss:.4g}"
+                note(f"step {state.global_step}/{state.max_steps}: {train}, val loss {logs['eval_loss']:.4g}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Progress()
+
+
 def live_callback(folder, resume=False):
     """dvclive's Trainer callback, logging at the optimizer step; it never writes dvc.yaml."""
     from dvclive import Live
@@ -218,7 +268,7 @@ def live_callback(folder, resume=False):
 def build_trainer(p, output_dir, callbacks=(), resuming=False):
     """The SFTTrainer of params `p` (the stage's, or a benchmark's): quantized model, LoRA, data."""
     import torch
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, ProgressCallback, set_seed
     from trl import SFTTrainer
 
     set_seed(p.train.seed)
@@ -239,7 +289,7 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     bf16 = model.config.dtype == torch.bfloat16
     fp16 = model.config.dtype == torch.float16 and torch.cuda.is_available()  # no fp16 autocast on CPU
     score_labelled_positions_only()
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=sft_config(p.train, str(output_dir), bf16, fp16, resuming=resuming),
         train_dataset=train_set,
@@ -248,6 +298,9 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
         peft_config=lora_config(p.lora),
         callbacks=list(callbacks),
     )
+    trainer.remove_callback(ProgressCallback)  # it prints every log as a dict; progress_callback reads better
+    trainer.add_callback(progress_callback())  # last, as the stock one: it shows the tokens/s added before it
+    return trainer
 
 
 def is_launched():
@@ -300,6 +353,7 @@ def launch(p):
 
 
 def main():
+    quiet_known_noise()  # before bitsandbytes is imported
     import torch
 
     p = load_params(PARAMS)
@@ -388,9 +442,9 @@ def main():
         attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
     )
     write_json(Path(p.paths.metrics) / "train.json", metrics)
-    log(f"{metrics['steps']} steps in {seconds:.0f}s ({throughput.training_seconds:.0f}s training), "
-        f"loss {history[0]:.3f} -> {history[-1]:.3f}, "
-        f"{metrics['tokens_per_second']} tokens/s")
+    done(f"{metrics['steps']} steps in {seconds:.0f} s ({throughput.training_seconds:.0f} s of them training), "
+         f"loss {history[0]:.3f} -> {history[-1]:.3f}, {metrics['tokens_per_second']} tokens/s"
+         + (f" (stopped early; best val loss at step {metrics['best_step']})" if metrics["stopped_early"] else ""))
 
 
 if __name__ == "__main__":
