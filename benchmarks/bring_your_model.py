@@ -8,7 +8,7 @@ copies RAW_FILE into its data/raw/, applies each KEY=VALUE to params.yaml exactl
 writes `benchmarks/results/NAME.json`: the edits, the model's family, the format tokenize used,
 the base and fine-tuned scores on test with the paired interval of the gain, the losses, the
 wall time of each stage, and the machine, versions and commit. Nothing else of the clone is
-edited. docs/your-model.md renders its table from that file (make docs).
+edited. docs/data.md renders its table from that file (make docs).
 """
 
 import argparse

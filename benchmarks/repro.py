@@ -8,7 +8,8 @@ there with nothing cached and writes:
 - `benchmarks/results/repro.json`: the wall time of each stage (from the moment DVC starts it
   to the moment the next one starts), the whole run, a second `dvc repro` that finds nothing to
   do, what `git status` shows in the clone afterwards, the run's metrics, and the machine,
-  versions, commit and date;
+  versions, commit and date, and what the project takes on disk (cache and workspace, links
+  counted once, against what copies would take; each output; the virtual environment);
 - `benchmarks/results/repro-console.log`: what the console showed, as a terminal would (each
   progress bar at its last redraw before a new line).
 README.md renders its stage table and docs/development.md the console from these (make docs).
@@ -23,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,6 +66,25 @@ def run_timed(command, cwd, env):
     return console, starts, time.time() - start
 
 
+def mb(path, apparent=False):
+    """Megabytes on disk under `path` (du: a file linked twice counts once), or, `apparent`, the bytes
+    the files hold, each link counted (what copies would take)."""
+    out = subprocess.run(["du", "-s", "--block-size=1", *(["--apparent-size", "--count-links"] if apparent else []),
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    return round(int(out.split()[0]) / 2**20, 1)
+
+
+def disk(project, params):
+    """What the reproduced project takes on disk: cache and workspace together (links counted once),
+    what copies would take, each output, and the virtual environment."""
+    paths = params["paths"]
+    outputs = {name: mb(project / paths[name], apparent=True) for name in ("base", "quantized", "adapter", "export")}
+    outputs["data"] = mb(project / paths["prepared"], apparent=True) + mb(project / paths["tokenized"], apparent=True)
+    return dict(project_mb=mb(project), copies_mb=mb(project, apparent=True), outputs_mb=outputs,
+                venv_mb=mb(ROOT / ".venv"), cache_type=subprocess.run(
+                    ["dvc", "config", "cache.type"], cwd=project, capture_output=True, text=True).stdout.strip())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", type=Path, help="clone here and keep it, instead of a temporary folder")
@@ -89,6 +111,7 @@ def main():
             total_seconds=round(total, 1), noop_seconds=round(noop, 2),
             modified_after=[line[3:] for line in status.splitlines() if line.startswith(" M")],
             untracked_after=[line[3:] for line in status.splitlines() if line.startswith("??")],
+            disk=disk(project, yaml.safe_load((project / "params.yaml").read_text())),
             metrics=metrics, **provenance(project))
     finally:
         if not args.keep:

@@ -46,7 +46,7 @@ def default_scores():
     lines += ["", f"Gain in accuracy over the base model: {e['accuracy_gain']:+}, paired 95% interval "
                   f"[{e['accuracy_gain_ci_low']}, {e['accuracy_gain_ci_high']}] (`gain_significant: "
                   f"{str(e['gain_significant']).lower()}`); intervals are percentile bootstraps over the "
-                  f"{sum(labels['test'].values())} test examples ([how](docs/your-data.md#scoring)).",
+                  f"{sum(labels['test'].values())} test examples ([how](docs/data.md#scoring)).",
               "", f"Train-sample / val / test loss: {e['train_loss']} / {e['val_loss']} / {e['test_loss']} "
                   f"(gap {e['gap']}); best val loss {e['best_val_loss']} at step {e['best_val_step']}, last "
                   f"{e['last_val_loss']} at step {e['last_val_step']} (`overfitting: {str(e['overfitting']).lower()}`)."]
@@ -72,15 +72,27 @@ def noise_floor():
     return "\n".join(lines)
 
 
-def compare_example():
-    """A real `make compare` page (docs/compare-example, written by python -m qlora.report compare -o)."""
-    c = read("compare", "docs/compare-example")
-    lines = [c["summary"], "", f"| experiment | metric | value | {c['ref']} | difference | 95% interval | verdict |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['experiment']} | {r['metric']} | {r['value']} | {r['reference']} | {r['difference']} | "
-              f"{r['interval']} | {r['verdict']} |" for r in c["against"]]
-    lines += ["", f"{c['machine']}, {c['date']}."]
-    return "\n".join(lines)
+def compare_page(folder, runs=False):
+    """A real `make compare` page (written by python -m qlora.report compare -o FOLDER): its summary,
+    with `runs` first the table of runs (what `make exps` shows), then each run against the reference."""
+    def make():
+        c = read("compare", folder)
+        lines = [c["summary"], ""]
+        if runs:
+            columns = ["experiment", *c["changed"], "val loss", "best val", "best step", "overfitting", "test loss",
+                       "test acc", "tokens/s"]
+            columns = [k for k in columns if k in c["runs"][0]]
+            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(r[k]) for k in columns) + " |" for r in c["runs"]]
+            lines += [""]
+        lines += [f"| experiment | metric | value | {c['ref']} | difference | 95% interval | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['experiment']} | {r['metric']} | {r['value']} | {r['reference']} | {r['difference']} | "
+                  f"{r['interval']} | {r['verdict']} |" for r in c["against"]]
+        lines += ["", f"{c['machine']}, {c['date']}."]
+        return "\n".join(lines)
+
+    return make
 
 
 def stage_times():
@@ -171,6 +183,47 @@ def profile(name):
     return make
 
 
+def export_check():
+    """How close the merged export is to the 4-bit base + adapter it came from (metrics/export.json)."""
+    x = read("export")
+    rows = [
+        ("merge error (merged vs unmerged, both float32)", x["merge_max_abs_diff"]),
+        ("max \\|logit diff\\| vs 4-bit base + adapter, float32 before the cast (the floor)",
+         x["float32_max_abs_logit_diff"]),
+        (f"max \\|logit diff\\| vs 4-bit base + adapter, {x['dtype']} export",
+         f"**{x['max_abs_logit_diff']}** (mean {x['mean_abs_logit_diff']})"),
+        ("same next token (argmax) at each position: export / float32 floor",
+         f"{pct(x['argmax_agreement'])} / {pct(x['float32_argmax_agreement'])}"),
+        ("same greedy answer on the test prompts", pct(x["answer_agreement"])),
+        ("test loss, export vs adapter", f"{x['test_loss']} vs {x['adapter_test_loss']}"),
+    ]
+    primary = next(k[5:] for k in x if k.startswith("test_") and k != "test_loss")
+    rows.append((f"test {primary}, export vs adapter (paired 95% interval of the difference)",
+                 f"{x['test_' + primary]} vs {x['adapter_test_' + primary]} "
+                 f"([{x[primary + '_diff_ci_low']}, {x[primary + '_diff_ci_high']}])"))
+    lines = ["| | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    lines += ["", f"{x['dtype']} export, {x['disk_mb']} MB on disk; logits compared on {x['check_examples']} test "
+                  f"examples, answers and scores on the whole test split."]
+    return "\n".join(lines)
+
+
+def levers_speed():
+    """What each speed lever costs and saves in the train stage (benchmarks/bench_levers.py)."""
+    r = read("levers", "benchmarks/results")
+    lines = ["| variant | `-S` | non-padding tokens/s | vs default | peak RSS (MB) | vs default | final train loss |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        lines.append(f"| {name} | {' '.join(f'`{o}`' for o in v['overrides']) or '(none)'} | {v['tokens_per_second']} | "
+                     f"{times(v['speed_vs_default'])} | {v['rss_mb']:.0f} | {times(v['memory_vs_default'])} | "
+                     f"{v['final_loss']} |")
+    spread = max(max(x["tokens_per_second"] for x in v["runs"]) / min(x["tokens_per_second"] for x in v["runs"]) - 1
+                 for v in r["variants"].values())
+    lines += ["", f"The train stage on the default data and model, {r['steps']} steps per run; medians of {r['reps']} "
+                  f"rounds, each running every variant in turn; runs of one variant differed by up to {pct(spread)} in "
+                  f"tokens/s. {r['machine']}, {r['date']} (benchmarks/bench_levers.py)."]
+    return "\n".join(lines)
+
+
 def bring_your_model(name):
     """A new user's run on their own model and data (benchmarks/bring_your_model.py), as a table."""
     def make():
@@ -209,13 +262,16 @@ def bring_your_model(name):
 BLOCKS = {
     "default-scores": default_scores,
     "noise-floor": noise_floor,
-    "compare-example": compare_example,
+    "compare-example": compare_page("docs/compare-example"),
+    "lr-sweep": compare_page("docs/lr-sweep", runs=True),
     "byom-gemma3": bring_your_model("gemma3-270m-writing-systems"),
     "stage-times": stage_times,
     "after-repro": after_repro,
     "console": console,
     "eval-4bit": eval_4bit,
     "profile-step": profile("profile-step"),
+    "levers-speed": levers_speed,
+    "export-check": export_check,
 }
 
 

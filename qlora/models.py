@@ -32,10 +32,10 @@ def load_model(path, bnb_cpu_inference=False):
 
     Every stage runs 4-bit layers through the path training uses (dequantize, then a matmul in
     the compute dtype), for training, mid-training evaluation, evaluation and generation alike:
-    see `keep_4bit_weights_trainable`. On this CPU that path scores the val set 3.4x faster and
-    generates 1.8x faster than bitsandbytes' packed CPU inference path, within 5% of a bf16 model
-    without quantization (benchmarks/README.md); `bnb_cpu_inference=True` keeps the packed path,
-    for that benchmark only.
+    see `keep_4bit_weights_trainable`. On CPU that path is also faster than bitsandbytes' packed
+    inference path and close to a bf16 model without quantization (benchmarks/bench_eval.py
+    measures it; benchmarks/README.md renders the figures); `bnb_cpu_inference=True` keeps the
+    packed path, for that benchmark only.
     """
     from transformers import AutoModelForCausalLM
 

@@ -60,3 +60,18 @@ def test_a_marker_without_a_source_names_the_file_and_the_key(copy):
     page.write_text(page.read_text() + "\n<!-- begin nothing (make docs) -->\n<!-- end nothing -->\n")
     with pytest.raises(SystemExit, match=r"docs/levers.md: no block named 'nothing'"):
         docs.main(["--check"])
+
+
+def test_user_facing_text_is_short_and_names_no_issue_or_commit():
+    """The README is the first five minutes, the pages in docs/ the rest; history belongs in git."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    pages = {path.name for path in (ROOT / "docs").glob("*.md")}
+    assert {"levers.md", "data.md", "experiments.md", "sharing.md", "scaling.md", "reliability.md",
+            "development.md"} <= pages
+    for path in [ROOT / "README.md", ROOT / "benchmarks/README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            found = re.search(r"issue [0-9]|issue #|\b[0-9a-f]{7,40}\b", line)
+            assert not found, f"{path.relative_to(ROOT)}:{number}: {found.group()!r} in {line!r}"

@@ -33,7 +33,7 @@ def test_real_default_pipeline_reduced(real_project):
     assert evaluation["test_answered"] > evaluation["base_test_answered"]
     assert evaluation["test_loss"] < 0.2 * evaluation["base_test_loss"]
     export = json.loads((project / "metrics/export.json").read_text())
-    # Stated tolerance, bf16 export vs the 4-bit base + adapter (docs/export.md).
+    # Stated tolerance, bf16 export vs the 4-bit base + adapter (docs/sharing.md).
     assert export["merge_max_abs_diff"] < 1e-3
     assert export["max_abs_logit_diff"] <= 1.5 * export["float32_max_abs_logit_diff"]
     # Near-tied next tokens flip between bf16 kernels (measured 0.96 on 8 test examples); the
