@@ -13,7 +13,8 @@ export TOKENIZERS_PARALLELISM := false
 
 repro: $(VENV)/.installed
 	dvc repro
-	dvc metrics show --md metrics/evaluate.json
+	dvc checkout --relink --quiet  # dvc repro leaves each output a copy beside its cache entry: link them, once on disk
+	python -m qlora.report exps  # the run's key metrics, test metrics ± their 95% interval
 
 test: $(VENV)/.installed-dev
 	python -m pytest -q tests

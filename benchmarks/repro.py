@@ -34,6 +34,7 @@ from qlora.outputs import provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 STAGE = re.compile(r"Running stage '(\w+)'")
+SKIPPED = re.compile(r"Stage '(\w+)' didn't change, skipping")
 
 
 def as_terminal(raw):
@@ -108,6 +109,7 @@ def main():
                    if path.stem not in ("predictions", "base_answers", "confusion")}
         result = dict(
             command="make repro", stages={name: round(end - starts[name], 1) for name, end in zip(ordered, ends)},
+            skipped=SKIPPED.findall(console),  # outputs committed in git, inputs unchanged: DVC need not run them
             total_seconds=round(total, 1), noop_seconds=round(noop, 2),
             modified_after=[line[3:] for line in status.splitlines() if line.startswith(" M")],
             untracked_after=[line[3:] for line in status.splitlines() if line.startswith("??")],

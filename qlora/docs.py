@@ -123,6 +123,8 @@ def stage_times():
     )
     lines = ["| stage | time | what it did |", "|---|---|---|"]
     lines += [f"| {name} | {seconds:.0f} s | {did.get(name, '')} |" for name, seconds in r["stages"].items()]
+    lines += [f"| {name} | skipped | its outputs are committed in git and its inputs did not change |"
+              for name in r.get("skipped", [])]
     minutes, seconds = divmod(round(r["total_seconds"]), 60)
     lines += [f"| **total** | **{minutes} min {seconds} s** | `{r['command']}` in a fresh clone, nothing cached |",
               "", f"{r['machine']}, {r['date']}. A second `dvc repro` right after found nothing to do in "
