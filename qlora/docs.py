@@ -306,7 +306,11 @@ def render(text, where, env=None):
     def block(m):
         if m.group(2) not in BLOCKS:
             raise SystemExit(f"{where}: no block named {m.group(2)!r} (known: {', '.join(BLOCKS)})")
-        return m.group(1) + BLOCKS[m.group(2)]() + "\n" + m.group(4)
+        try:
+            return m.group(1) + BLOCKS[m.group(2)]() + "\n" + m.group(4)
+        except FileNotFoundError as e:
+            raise SystemExit(f"{where}: block {m.group(2)!r} renders {Path(e.filename).relative_to(ROOT)}, which "
+                             "does not exist: run the script that writes it (benchmarks/README.md lists them)")
 
     def inline(m):
         try:
