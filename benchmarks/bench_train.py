@@ -1,31 +1,33 @@
-"""Our train stage against `trl sft`, side by side, on the same model, data and hyperparameters.
+"""Our train stage against `trl sft`, like for like, on the same model, data and hyperparameters.
 
-    python benchmarks/bench_train.py [--steps 20] [--reps 3]
+    python benchmarks/bench_train.py [--steps 20] [--reps 2] [-S key=value ...]
 
 Needs a reproduced project (`make repro`): it reads models/base, models/quantized,
 models/tokenizer, data/prepared and data/tokenized, and writes only under a temporary
-folder. Runs alternate (ours, trl, ours, trl, ...) so drift on a noisy machine hits both;
-it prints the median of each figure and a Markdown table for benchmarks/README.md.
+folder. Runs alternate (ours, trl, ours, trl, ...) so that drift on a noisy machine hits both.
+
+Like for like: `trl sft` gets the prepared train split as conversational prompt-completion
+rows with the same system turn our tokenize stage adds (`tokenize.system_prompt`), so both
+render the same chat template over the same tokens; the same 4-bit quantization, LoRA,
+batch, learning rate and schedule, seed (so the same shuffled order of the same examples),
+maximum length and gradient checkpointing; completion-only loss in both.
 
 Figures per run:
-- non-padding tokens per second of the training steps (ours: its own count; trl sft's
-  CLI can only count padding too, so its count is steps x batch x the data's mean
-  example length; ours leaves its val-loss pass before the first step out, trl sft has
-  no eval set here);
-- wall time per optimizer step (the Trainer's train_runtime / steps, eval excluded);
-- peak memory: the process's maximum RSS on CPU (from /usr/bin/time-like wait4 rusage);
-- final train loss (the last step's), so speed is never bought with a broken loss;
-- MFU: F = 4N + 12*L*d*T + 6*P_lora FLOPs per token (N matmul parameters, L layers,
-  d hidden size, T mean tokens per example, P_lora adapter parameters) times tokens/s,
-  over the peak measured here with a large bf16 matmul (the achievable peak of this
-  machine's matmul units, not a datasheet number).
+- non-padding tokens per second of the training steps, each tool counting its own tokens
+  (`include_num_input_tokens_seen: non_padding` in both; ours leaves its val-loss pass out,
+  trl sft has no eval set here);
+- peak memory: the process's maximum RSS on CPU (its own wait4 rusage);
+- final train loss (the last step's), so that speed is never bought with a broken loss;
+- MFU: F = 4N + 12·L·d·T + 6·P_lora FLOPs per token times tokens/s over the bf16 matmul peak
+  of this machine (qlora/cost.py).
+Writes `benchmarks/results/train-vs-trl.json` (every run, medians, ratios, machine, versions,
+commit, date); benchmarks/README.md renders it (make docs).
 """
 
 import argparse
 import functools
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -79,14 +81,18 @@ def ours(scratch, steps, overrides):
                 final_loss=train["final_loss"], wall=wall, rss_mb=rss, steps=train["steps"])
 
 
-def trl_data(scratch):
-    """data/prepared as trl's conversational prompt-completion format, in a folder `load_dataset` reads."""
+def trl_data(scratch, system_prompt):
+    """data/prepared as trl's conversational prompt-completion format, in a folder `load_dataset` reads,
+    with the system turn our tokenize stage adds."""
     folder = scratch / "trl-data"
     folder.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in (ROOT / "data/prepared/train.jsonl").read_text().splitlines()]
     with open(folder / "train.jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps({"prompt": r["messages"],
+            prompt = r["messages"]
+            if system_prompt and prompt[0]["role"] != "system":
+                prompt = [{"role": "system", "content": system_prompt}, *prompt]
+            f.write(json.dumps({"prompt": prompt,
                                 "completion": [{"role": "assistant", "content": r["completion"]}]}) + "\n")
     return folder
 
@@ -121,96 +127,73 @@ def trl(scratch, steps, params, data):
            "--load_in_4bit", "--bnb_4bit_quant_type", q["quant_type"],
            *(["--use_bnb_nested_quant"] if q["double_quant"] else []), "--dtype", q["compute_dtype"],
            "--bf16", str(q["compute_dtype"] == "bfloat16"),
-           "--save_strategy", "no", "--report_to", "none",
+           "--save_strategy", "no", "--report_to", "none", "--include_num_input_tokens_seen", "non_padding",
            "--use_cpu", "True"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out, wall, rss = run_measured(cmd, ROOT, env, scratch / "trl.log")
     runtime = last_value(out, "train_runtime")
-    # The CLI can count all tokens only, padding included; the non-padding tokens of `steps`
-    # batches drawn from this data are estimated from its mean length (same template, same cut).
-    tokens = steps * t["batch_size"] * t["gradient_accumulation_steps"] * mean_tokens()
+    tokens = last_value(out, "num_input_tokens_seen")  # trl's own count of its non-padding tokens
     losses = re.findall(r"'loss': '?([-\d.e+]+)'?", out)
     shutil.rmtree(work, ignore_errors=True)
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
                 final_loss=float(losses[-1]), wall=wall, rss_mb=rss, steps=steps)
 
 
-def matmul_peak(seconds=3.0):
-    """Achievable bf16 matmul FLOP/s on this machine (all threads torch uses)."""
-    import torch
-
-    n = 2048
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start)
-
-
-def flops_per_token(params):
-    """F = 4N + 12*L*d*T + 6*P_lora, from the base model's config and the tokenized data."""
-    import pandas as pd
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(ROOT / params["paths"]["base"])
-    L, d = config.num_hidden_layers, config.hidden_size
-    kv = d * config.num_key_value_heads // config.num_attention_heads
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size  # q, o, k, v, mlp
-    n_matmul = L * per_layer + d * config.vocab_size  # the lm_head matmul runs whether or not it is tied
-    T = mean_tokens()
-    p_lora = json.loads((ROOT / "metrics/train.json").read_text())["trainable_parameters"]
-    return 4 * n_matmul + 12 * L * d * T + 6 * p_lora, dict(N=n_matmul, L=L, d=d, T=round(T, 1), P_lora=p_lora)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
-    parser.add_argument("--reps", type=int, default=3, help="runs of each, alternating")
+    parser.add_argument("--reps", type=int, default=2, help="runs of each, alternating")
     parser.add_argument("-S", dest="overrides", action="append", default=[],
                         help="key=value for our run only, as dvc exp run -S (to measure one lever)")
+    parser.add_argument("--name", default="train-vs-trl", help="the results file: benchmarks/results/NAME.json")
     args = parser.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for needed in ("models/base", "models/quantized", "data/tokenized", "data/prepared", "metrics/train.json"):
         if not (ROOT / needed).exists():
             raise SystemExit(f"{needed} is missing: run `make repro` (or `dvc pull`) first")
 
+    from transformers import AutoConfig
+
+    from qlora import cost
+    from qlora.outputs import provenance
+
     results = {"ours": [], "trl sft": []}
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         scratch = Path(tmp)
-        data = trl_data(scratch)
+        data = trl_data(scratch, params["tokenize"]["system_prompt"])
         for rep in range(args.reps):
             for name, fn in (("ours", lambda: ours(scratch, args.steps, args.overrides)),
                              ("trl sft", lambda: trl(scratch, args.steps, params, data))):
                 r = fn()
-                results[name].append(r)
-                print(f"rep {rep + 1} {name:8s} {r['tokens_per_second']:7.1f} tok/s  {r['step_seconds']:.2f} s/step  "
+                results[name].append({k: round(v, 4) for k, v in r.items()})
+                print(f"rep {rep + 1} {name:8s} {r['tokens_per_second']:7.1f} tokens/s  {r['tokens']:7.0f} tokens  "
                       f"{r['rss_mb']:6.0f} MB  loss {r['final_loss']:.4f}  wall {r['wall']:.0f} s", flush=True)
 
-    peak = matmul_peak()
-    flops, shape = flops_per_token(params)
-    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
-    rows = []
-    for name, m in med.items():
-        mfu = m["tokens_per_second"] * flops / peak
-        rows.append(f"| {name} | {m['tokens_per_second']:.1f} | {m['step_seconds']:.2f} | {m['rss_mb']:.0f} | "
-                    f"{m['final_loss']:.4f} | {100 * mfu:.1f}% |")
-    o, t = med["ours"], med["trl sft"]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print()
-    print(f"Machine: {cpu}, {os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}; "
-          f"bf16 matmul peak measured {peak / 1e9:.1f} GFLOP/s")
-    print(f"Model shapes for MFU: {shape}; F = {flops / 1e6:.1f} MFLOP per token")
-    print(f"{args.steps} steps per run, {args.reps} runs each, medians; our overrides: "
-          f"{' '.join(args.overrides) or 'none'}")
-    print()
-    print("| run | non-padding tokens/s | s/step | peak RSS (MB) | final loss | MFU |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print(f"| ratio ours / trl sft | {o['tokens_per_second'] / t['tokens_per_second']:.2f}x | "
-          f"{o['step_seconds'] / t['step_seconds']:.2f}x | {o['rss_mb'] / t['rss_mb']:.2f}x | | |")
+    import torch
+
+    config = AutoConfig.from_pretrained(ROOT / params["paths"]["base"])
+    lora = json.loads((ROOT / "metrics/train.json").read_text())["trainable_parameters"]
+    flops = cost.flops_per_token(config, mean_tokens(), lora)
+    peak = cost.peak(torch.get_num_threads())
+    tools = {}
+    for name, runs in results.items():
+        med = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+        tools[name] = dict(runs=runs, **med, mfu=round(med["tokens_per_second"] * flops / peak, 4))
+    o, t = tools["ours"], tools["trl sft"]
+    result = dict(
+        steps=args.steps, reps=args.reps, overrides=args.overrides, tools=tools,
+        speed_ratio=round(o["tokens_per_second"] / t["tokens_per_second"], 3),
+        wall_ratio=round(t["wall"] / o["wall"], 3),
+        memory_ratio=round(o["rss_mb"] / t["rss_mb"], 3),
+        loss_difference_pct=round(100 * abs(o["final_loss"] - t["final_loss"]) / t["final_loss"], 2),
+        tokens_ratio=round(o["tokens"] / t["tokens"], 4),  # the same examples: the two counts should agree
+        flops_per_token=round(flops), peak_flops=round(peak), threads=torch.get_num_threads(),
+        **provenance(),
+    )
+    out = ROOT / "benchmarks/results" / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k.endswith("ratio") or k.endswith("pct")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -226,6 +226,46 @@ def levers_speed():
     return "\n".join(lines)
 
 
+def parallel():
+    """Two experiments side by side against one after the other (benchmarks/bench_parallel.py)."""
+    r = read("parallel", "benchmarks/results")
+    rows = [("one after the other (`dvc queue start`)", r["serial_seconds"], r["serial"]),
+            ("side by side (`dvc queue start -j 2`)", r["parallel_seconds"], r["parallel"])]
+    if "unshared_parallel_seconds" in r:
+        rows.append(("side by side, every process on every core (`QLORA_THREADS`)", r["unshared_parallel_seconds"],
+                     r["unshared_parallel"]))
+    lines = ["| two experiments | wall time (s) | vs one after the other | train tokens/s of each | threads of each |",
+             "|---|---|---|---|---|"]
+    for title, seconds, runs in rows:
+        lines.append(f"| {title} | {seconds:.0f} | {times(seconds / r['serial_seconds'])} | "
+                     + " / ".join(str(m["tokens_per_second"]) for m in runs.values()) + " | "
+                     + " / ".join(str(m["threads"]) for m in runs.values()) + " |")
+    lines += ["", f"Each experiment: the default with another `train.seed`, {r['steps']} optimizer steps, then "
+                  f"evaluate and export; {r['machine']}, {r['date']}."]
+    return "\n".join(lines)
+
+
+def train_vs_trl(name="train-vs-trl"):
+    """Our train stage against `trl sft`, like for like (benchmarks/bench_train.py)."""
+    def make():
+        r = read(name, "benchmarks/results")
+        lines = ["| | non-padding tokens/s | tokens counted | peak RSS (MB) | whole process (s) | final train loss | MFU |",
+                 "|---|---|---|---|---|---|---|"]
+        for tool, m in r["tools"].items():
+            lines.append(f"| {tool} | {m['tokens_per_second']} | {m['tokens']:.0f} | {m['rss_mb']:.0f} | {m['wall']:.0f} | "
+                         f"{m['final_loss']} | {pct(m['mfu'])} |")
+        lines.append(f"| **ours / trl sft** | **{times(r['speed_ratio'])}** | {times(r['tokens_ratio'])} | "
+                     f"{times(r['memory_ratio'])} | {times(1 / r['wall_ratio'])} | {r['loss_difference_pct']}% apart | |")
+        lines += ["", f"{r['steps']} optimizer steps per run, medians of {r['reps']} alternating runs of each; "
+                      f"overrides of ours: {' '.join(f'`{o}`' for o in r['overrides']) or 'none'}; "
+                      f"{r['threads']} threads; MFU over a measured bf16 matmul peak of "
+                      f"{r['peak_flops'] / 1e9:.0f} GFLOP/s at {r['flops_per_token'] / 1e6:.0f} MFLOP per token; "
+                      f"{r['machine']}, {r['date']}."]
+        return "\n".join(lines)
+
+    return make
+
+
 def bring_your_model(name):
     """A new user's run on their own model and data (benchmarks/bring_your_model.py), as a table."""
     def make():
@@ -274,6 +314,8 @@ BLOCKS = {
     "profile-step": profile("profile-step"),
     "levers-speed": levers_speed,
     "export-check": export_check,
+    "parallel": parallel,
+    "train-vs-trl": train_vs_trl(),
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from qlora.console import progress
+from qlora.cores import rebalance
 from qlora.splits import IGNORE_INDEX
 
 MODULES = Path(__file__).parent / "evaluate_modules"  # evaluate metrics that load offline
@@ -32,6 +33,7 @@ def example_losses(model, dataset, batch_size, desc=None):
     sums, counts = [], []
     bar = progress(len(dataset), desc, unit="ex")
     for start in range(0, len(dataset), batch_size):
+        rebalance()
         batch = dataset[start : start + batch_size]
         ids = pad(batch["input_ids"], 0).to(device)
         labels = pad(batch["labels"], IGNORE_INDEX).to(device)
@@ -70,6 +72,7 @@ def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, stop
     answers = []
     bar = progress(len(dataset), desc, unit="ex")
     for start in range(0, len(dataset), batch_size):
+        rebalance()
         batch = dataset[start : start + batch_size]
         prompts = [ids[:n] for ids, n in zip(batch["input_ids"], batch["prompt_length"])]
         ids = pad(prompts, pad_id, side="left").to(device)

@@ -11,6 +11,7 @@ tokenizer to `paths.tokenizer` so that tokenization does not depend on the weigh
 import importlib.util
 from pathlib import Path
 
+from qlora import cores
 from qlora.console import done, quiet_known_noise
 from qlora.outputs import atomic_dir, log
 from qlora.params import ParamsError, load_params
@@ -102,6 +103,7 @@ def check_source(b):
 
 def main():
     quiet_known_noise()  # a local or hub model may come quantized with bitsandbytes
+    cores.claim()  # its share of the cores, with other stages running at once
     p = load_params(PARAMS)
     b = p.base
     check_source(b)

@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from qlora import cores
 from qlora.console import done, quiet_known_noise
 from qlora.models import load_model
 from qlora.outputs import log, write_json
@@ -104,6 +105,7 @@ def predictions_markdown(rows, metrics, task, count):
 
 def main():
     quiet_known_noise()  # before bitsandbytes is imported
+    cores.claim()  # its share of the cores, with other stages running at once
     from peft import PeftModel
     from transformers import AutoTokenizer
 

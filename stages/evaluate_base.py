@@ -8,6 +8,7 @@ which pairs them with the fine-tuned model's example by example.
 
 from pathlib import Path
 
+from qlora import cores
 from qlora.console import done, quiet_known_noise
 from qlora.models import load_model
 from qlora.outputs import write_json
@@ -23,6 +24,7 @@ PARAMS = ["evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens", "da
 
 def main():
     quiet_known_noise()  # before bitsandbytes is imported
+    cores.claim()  # its share of the cores, with other stages running at once
     from transformers import AutoTokenizer
 
     p = load_params(PARAMS)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from qlora import cores
 from qlora.console import done, quiet_known_noise
 from qlora.models import is_quantized, load_model
 from qlora.outputs import atomic_dir, write_json
@@ -146,6 +147,7 @@ def model_card(p, base_config, version, params, metrics, check):
 
 def main():
     quiet_known_noise()  # before bitsandbytes is imported
+    cores.claim()  # its share of the cores, with other stages running at once
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer

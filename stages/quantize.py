@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qlora import cores
 from qlora.console import done, quiet_known_noise
 from qlora.models import device, quantization_config
 from qlora.outputs import atomic_dir, log, write_json
@@ -40,6 +41,7 @@ def count_parameters(model):
 
 def main():
     quiet_known_noise()  # before bitsandbytes is imported
+    cores.claim()  # its share of the cores, with other stages running at once
     from transformers import AutoModelForCausalLM
 
     p = load_params(PARAMS)

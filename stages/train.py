@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from qlora.checkpoints import fingerprint, live_snapshot_callback, newest_complete, restore_live, step_of
+from qlora import cores, cost
 from qlora.console import done, note, progress, quiet_known_noise
 from qlora.models import device, load_model, module_names, score_labelled_positions_only
 from qlora.outputs import atomic_dir, log, write_json
@@ -359,6 +360,7 @@ def main():
     p = load_params(PARAMS)
     if p.train.processes > 1 and not is_launched():
         raise SystemExit(launch(p))
+    cores.claim()  # its share of the cores, with other stages (or the other ranks) running at once
     main_process = is_main_process()
     live_dir = Path(p.paths.metrics) / LIVE_DIR
     # Several processes share one output folder (each saves its RNG state there), so it cannot be a
@@ -370,7 +372,7 @@ def main():
         restore_live(resume, live_dir)
         log(f"resuming from {resume} (step {step_of(resume)} of a run with the same params and data)")
     throughput = tokens_per_second_callback()
-    callbacks = [last_step_callback(), finite_loss_callback(), throughput]
+    callbacks = [last_step_callback(), finite_loss_callback(), throughput, cores.rebalance_callback()]
     if main_process:  # only the main process writes curves; the others never touch metrics/
         callbacks.append(live_callback(live_dir, resume=bool(resume)))
         if p.train.checkpoint_steps:
@@ -426,6 +428,9 @@ def main():
     state = trainer.state
     tokens = state.num_input_tokens_seen - throughput.start_tokens
     planned = state.max_steps
+    tokens_per_second = tokens / throughput.training_seconds
+    low, high = cores.threads_used()
+    mean_tokens = sum(map(len, trainer.train_dataset["input_ids"])) / len(trainer.train_dataset)
     metrics = dict(
         trainable_parameters=trainable,
         trainable_fraction=round(trainable / total, 6),
@@ -434,12 +439,15 @@ def main():
         steps=trainer.state.global_step,
         epochs=round(trainer.state.epoch, 3),
         seconds=round(seconds, 1),  # wall time of training in this process, evaluations included
-        tokens_per_second=round(tokens / throughput.training_seconds, 1),  # non-padding, evaluations excluded
+        tokens_per_second=round(tokens_per_second, 1),  # non-padding, evaluations excluded
+        mfu=cost.mfu(trainer.model.config, mean_tokens, trainable, tokens_per_second, high * world.num_processes),
+        peak_memory_mb=cost.peak_memory_mb(),  # this process: peak RSS on CPU, the most allocated on CUDA
         stopped_early=state.global_step < planned,
         stopped_at_step=state.global_step,
         best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
         resumed_from_step=step_of(resume) if resume else 0,
         attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
+        threads=low if low == high else f"{low}-{high}",  # CPU threads: the fair share of the cores (qlora.cores)
     )
     write_json(Path(p.paths.metrics) / "train.json", metrics)
     done(f"{metrics['steps']} steps in {seconds:.0f} s ({throughput.training_seconds:.0f} s of them training), "

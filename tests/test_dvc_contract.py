@@ -29,6 +29,8 @@ def project_imports(path, seen=None):
     for node in ast.walk(ast.parse((ROOT / path).read_text())):
         names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
             [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module in ("qlora", "stages"):  # from qlora import cores
+            names += [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
             if name.split(".")[0] in ("qlora", "stages"):
                 dep = name.replace(".", "/") + ".py"
