@@ -144,3 +144,32 @@ def test_every_stage_loads_4bit_layers_on_the_training_path(tiny_project):
 
     layers = [m for m in load_model(tiny_project / "models/quantized").modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+def test_fast_lora_dropout_is_dropout():
+    """The LoRA dropout whose masks are drawn faster on CPU keeps each input with probability
+    1 - p, scales it by 1 / (1 - p), masks the gradient the same way, is fixed by the seed, and
+    is the identity in eval mode; every LoRA dropout of a peft model is swapped for it."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.models import FastDropout, fast_lora_dropout
+
+    p = 0.2
+    drop = FastDropout(p).train()
+    x = torch.randn(64, 100, 64, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = y != 0
+    share = kept.float().mean().item()
+    assert abs(share - (1 - p)) < 0.01, share  # 409,600 draws: the standard error is 0.0006
+    assert torch.equal(y[kept], (x * (1 / (1 - p)))[kept])
+    y.float().sum().backward()
+    assert torch.equal(x.grad, torch.where(kept, torch.tensor(1 / (1 - p), dtype=torch.bfloat16), 0))
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y), "the same seed, the same mask"
+    assert not torch.equal(drop(x), y), "the next call draws a new mask"
+    assert drop.eval()(x) is x and FastDropout(0.0).train()(x) is x
+
+    model = get_peft_model(family_model("llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    assert fast_lora_dropout(model) == 2 * model.config.num_hidden_layers
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules() if m is not model)
