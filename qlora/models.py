@@ -128,10 +128,26 @@ class FastDropout(torch.nn.Module):
         seed = int(torch.randint(2**62, ()))  # from torch's generator: transformers' set_seed fixes it
         draws = np.random.default_rng(seed).random(x.numel(), dtype=np.float32)
         keep = torch.from_numpy(draws >= self.p).view(x.shape)
-        return torch.where(keep, x * (1 / (1 - self.p)), 0)
+        mask = torch.where(keep, torch.tensor(1 / (1 - self.p), dtype=x.dtype), torch.tensor(0, dtype=x.dtype))
+        return _MaskMul.apply(x, mask)
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+class _MaskMul(torch.autograd.Function):
+    """x * mask, its gradient grad * mask: one multiplication each way (autograd's own graph for
+    dropout takes two, and keeps more)."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
 
 
 def fast_lora_dropout(model):
