@@ -40,7 +40,7 @@ def pair(project, env, names_seeds, steps, workers):
     """Queue two experiments, run them with `workers` workers; (wall seconds, each one's train metrics)."""
     for name, seed in names_seeds:
         sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.seed={seed}", "-S", f"train.max_steps={steps}",
-            "-S", f"train.eval_steps={steps}", "-S", f"train.checkpoint_steps=0"], project, env)
+            "-S", f"train.eval_steps={steps}", "-S", "train.checkpoint_steps=0"], project, env)
     start = time.perf_counter()
     sh(["dvc", "queue", "start", "-j", str(workers)], project, env)
     while True:
@@ -97,9 +97,8 @@ def main():
         (project / ".venv").symlink_to(ROOT / ".venv")
         sh(["dvc", "cache", "dir", "--local", str(ROOT / ".dvc/cache")], project, env)
         sh(["dvc", "checkout"], project, env)
-        stale = sh(["dvc", "status", "--quiet"], project, env, check=False)
-        if "changed" in stale or "modified" in stale:
-            raise SystemExit(f"the committed pipeline is not reproduced in {ROOT}'s cache: run `make repro` there\n{stale}")
+        if subprocess.run(["dvc", "status", "--quiet"], cwd=project, env=env).returncode:
+            raise SystemExit(f"the committed pipeline is not reproduced in {ROOT}'s cache: run `make repro` there")
         result = dict(steps=args.steps, cores=len(os.sched_getaffinity(0)))
         result["serial_seconds"], result["serial"] = pair(project, env, [("serial-1", 1), ("serial-2", 2)],
                                                           args.steps, 1)

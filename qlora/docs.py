@@ -266,6 +266,23 @@ def train_vs_trl(name="train-vs-trl"):
     return make
 
 
+def scale():
+    """How each stage's cost grows with the data (benchmarks/bench_scale.py)."""
+    r = read("scale", "benchmarks/results")
+    lines = ["| scale | examples | `dvc repro` prepare + tokenize (s) | prepare (s) | tokenize (s) | no-op `dvc repro` (s) | "
+             "train s / 1,000 examples | loss pass s / 1,000 test | answers s / 1,000 test | scoring the test split (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in r["scales"].items():
+        lines.append(f"| {name} | {m['examples']:,} | {m['dvc_repro_seconds']} | {m['prepare_seconds']} | "
+                     f"{m['tokenize_seconds']} | {m['noop_seconds']} | {m['train_seconds_per_1000']} | "
+                     f"{m['loss_seconds_per_1000']} | {m['generation_seconds_per_1000']} | {m['scoring_seconds']} "
+                     f"({m['test_examples']:,}, {m['task']}) |")
+    lines += ["", f"Training: {r['steps']} optimizer steps timed after two warm-up steps; the loss pass over "
+                  f"{r['loss_examples']} and batched answers to {r['answers']} test examples; prepare and tokenize "
+                  f"each as a process of its own, imports included. {r['machine']}, {r['date']}."]
+    return "\n".join(lines)
+
+
 def bring_your_model(name):
     """A new user's run on their own model and data (benchmarks/bring_your_model.py), as a table."""
     def make():
@@ -315,6 +332,7 @@ BLOCKS = {
     "levers-speed": levers_speed,
     "export-check": export_check,
     "parallel": parallel,
+    "scale": scale,
     "train-vs-trl": train_vs_trl(),
 }
 

@@ -42,6 +42,8 @@ KEY_METRICS = [
     ("metrics/train.json", "steps", "steps"),
     ("metrics/train.json", "stopped_early", "stopped early"),
     ("metrics/train.json", "tokens_per_second", "tokens/s"),
+    ("metrics/train.json", "mfu", "MFU"),
+    ("metrics/train.json", "peak_memory_mb", "peak MB"),
 ]
 BEST_BY = ("metrics/evaluate.json", "val_loss")  # held-out, never the test split
 PREDICTIONS = "metrics/predictions.json"  # per test example: both answers, scores, loss; what pairs two runs
@@ -101,12 +103,13 @@ def flatten(tree, prefix=""):
     return flat
 
 
-def experiment_rows(revs=None, names=None):
+def experiment_rows(revs=None, names=None, workspace=False):
     """One row per experiment (and its baseline commit): name, rev, flat params, metrics by file.
-    With `names`, only those experiments (and the commit)."""
+    With `names`, only those experiments (and the commit); with `workspace`, the workspace too
+    when its params or metrics differ from its commit's (a `dvc repro` not yet committed)."""
     rows = []
     for baseline in json.loads(dvc("exp", "show", "--json", *(["--rev", *revs] if revs else []))):
-        if baseline["rev"] == "workspace":
+        if baseline["rev"] == "workspace" and not (workspace and not revs):
             continue
         entries = [(baseline["name"] or baseline["rev"][:7], baseline, True)]
         for exp in baseline.get("experiments") or []:
@@ -119,6 +122,11 @@ def experiment_rows(revs=None, names=None):
             metrics = {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()}
             rows.append(dict(name=name, rev=entry["rev"], params=params, metrics=metrics,
                              status=data.get("status") or "Success"))
+    if rows and rows[0]["rev"] == "workspace":
+        if len(rows) > 1 and (rows[0]["params"], rows[0]["metrics"]) == (rows[1]["params"], rows[1]["metrics"]):
+            rows.pop(0)  # the workspace is its commit: one row is enough
+        else:
+            rows[0]["name"] = "workspace"
     if names and set(names) - {r["name"] for r in rows}:
         raise SystemExit(f"no experiment named {', '.join(sorted(set(names) - {r['name'] for r in rows}))} "
                          "on this commit (dvc exp show lists them)")
@@ -175,7 +183,7 @@ def exps(revs=None, names=None):
     95% interval. `dvc exp show` has every column; this has the ones that tell runs apart."""
     import pandas as pd
 
-    rows = by_val_loss(experiment_rows(revs, names))
+    rows = by_val_loss(experiment_rows(revs, names, workspace=True))
     if not rows:
         raise SystemExit("exps: no experiments found; run `dvc exp run` first")
     head, body = table(rows, changed_params(rows), best_row(rows))
