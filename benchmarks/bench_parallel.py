@@ -55,8 +55,7 @@ def pair(project, env, names_seeds, steps, workers):
     sh(["dvc", "queue", "stop", "--kill"], project, env, check=False)
     train = {}
     for name, _ in names_seeds:
-        shown = json.loads(sh(["dvc", "exp", "show", "--json", "--rev", name, "--no-fetch"], project, env, check=False)
-                           or "[]")
+        shown = json.loads(sh(["dvc", "exp", "show", "--json"], project, env, check=False) or "[]")
         train[name] = find_train_metrics(shown, name)
     return round(wall, 1), train
 
@@ -65,8 +64,10 @@ def find_train_metrics(shown, name):
     """metrics/train.json of experiment `name` in `dvc exp show --json`."""
     def walk(node):
         if isinstance(node, dict):
-            if node.get("name") == name and node.get("data"):
-                return node["data"]["metrics"]["metrics/train.json"]["data"]
+            if node.get("name") == name:  # an experiment: its newest rev holds the data
+                for rev in [node, *node.get("revs", [])]:
+                    if (rev.get("data") or {}).get("metrics"):
+                        return rev["data"]["metrics"]["metrics/train.json"]["data"]
             for value in node.values():
                 found = walk(value)
                 if found:

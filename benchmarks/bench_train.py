@@ -14,8 +14,9 @@ maximum length and gradient checkpointing; completion-only loss in both.
 
 Figures per run:
 - non-padding tokens per second of the training steps, each tool counting its own tokens
-  (`include_num_input_tokens_seen: non_padding` in both; ours leaves its val-loss pass out,
-  trl sft has no eval set here);
+  (ours: the Trainer's `include_num_input_tokens_seen: non_padding`; trl sft: SFTTrainer's
+  `num_tokens`, the ones of each batch's attention mask; the trl CLI cannot set the former);
+  ours leaves its val-loss pass out, trl sft has no eval set here;
 - peak memory: the process's maximum RSS on CPU (its own wait4 rusage);
 - final train loss (the last step's), so that speed is never bought with a broken loss;
 - MFU: F = 4N + 12·L·d·T + 6·P_lora FLOPs per token times tokens/s over the bf16 matmul peak
@@ -127,12 +128,12 @@ def trl(scratch, steps, params, data):
            "--load_in_4bit", "--bnb_4bit_quant_type", q["quant_type"],
            *(["--use_bnb_nested_quant"] if q["double_quant"] else []), "--dtype", q["compute_dtype"],
            "--bf16", str(q["compute_dtype"] == "bfloat16"),
-           "--save_strategy", "no", "--report_to", "none", "--include_num_input_tokens_seen", "non_padding",
+           "--save_strategy", "no", "--report_to", "none",
            "--use_cpu", "True"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out, wall, rss = run_measured(cmd, ROOT, env, scratch / "trl.log")
     runtime = last_value(out, "train_runtime")
-    tokens = last_value(out, "num_input_tokens_seen")  # trl's own count of its non-padding tokens
+    tokens = last_value(out, "num_tokens")  # SFTTrainer's own count: the attention mask's ones, no padding
     losses = re.findall(r"'loss': '?([-\d.e+]+)'?", out)
     shutil.rmtree(work, ignore_errors=True)
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,

@@ -132,15 +132,33 @@ def stage_times():
     return "\n".join(lines)
 
 
+COST_KEYS = {"seconds", "tokens_per_second", "mfu", "peak_memory_mb", "threads"}  # what a run costs, not what it found
+
+
 def after_repro():
-    """What `git status` shows after a fresh clone's `make repro` on this machine (benchmarks/repro.py)."""
+    """What `git status` shows after a fresh clone's `make repro` on this machine (benchmarks/repro.py),
+    and which metrics differ from those of the commit it cloned."""
+    import subprocess
+
     r = read("repro", "benchmarks/results")
     changed = r["modified_after"]
     if not changed:
-        return (f"On {r['machine']}, `git status` after `make repro` in a fresh clone showed no modified "
+        return (f"on {r['machine']}, `git status` after `make repro` in a fresh clone showed no modified "
                 "file: the run reproduced every committed output exactly.")
-    return (f"On {r['machine']}, `git status` after `make repro` in a fresh clone showed {len(changed)} "
-            f"modified files: " + ", ".join(f"`{f}`" for f in changed) + ".")
+    differing = set()
+    for stem, values in r["metrics"].items():
+        shown = subprocess.run(["git", "show", f"{r['commit']}:metrics/{stem}.json"], cwd=ROOT, capture_output=True,
+                               text=True)
+        if shown.returncode == 0:
+            committed = json.loads(shown.stdout)
+            differing |= {f"{stem}.{k}" for k in values.keys() | committed.keys() if values.get(k) != committed.get(k)}
+    lock = "`dvc.lock` was not among them, so every data file, model and adapter had its committed hash"
+    return (f"on {r['machine']}, `git status` after `make repro` in a fresh clone showed {len(changed)} modified "
+            f"files ({', '.join(f'`{f}`' for f in changed)}); {lock if 'dvc.lock' not in changed else 'and dvc.lock'}"
+            f", and the only metrics that differed from the commit's were "
+            f"{', '.join(f'`{k}`' for k in sorted(differing)) or 'none'}"
+            + (": measures of time, speed and memory, none a result." if differing and all(
+                k.split(".", 1)[1] in COST_KEYS for k in differing) else "."))
 
 
 def console():
@@ -234,12 +252,13 @@ def parallel():
     if "unshared_parallel_seconds" in r:
         rows.append(("side by side, every process on every core (`QLORA_THREADS`)", r["unshared_parallel_seconds"],
                      r["unshared_parallel"]))
-    lines = ["| two experiments | wall time (s) | vs one after the other | train tokens/s of each | threads of each |",
-             "|---|---|---|---|---|"]
+    each = all(m.get("tokens_per_second") for _, _, runs in rows for m in runs.values())  # recorded since
+    lines = ["| two experiments | wall time (s) | vs one after the other |"
+             + (" train tokens/s of each | threads of each |" if each else ""), "|---|---|---|" + ("---|---|" if each else "")]
     for title, seconds, runs in rows:
-        lines.append(f"| {title} | {seconds:.0f} | {times(seconds / r['serial_seconds'])} | "
-                     + " / ".join(str(m["tokens_per_second"]) for m in runs.values()) + " | "
-                     + " / ".join(str(m["threads"]) for m in runs.values()) + " |")
+        lines.append(f"| {title} | {seconds:.0f} | {times(seconds / r['serial_seconds'])} |" + (
+            " " + " / ".join(str(m["tokens_per_second"]) for m in runs.values()) + " | "
+            + " / ".join(str(m["threads"]) for m in runs.values()) + " |" if each else ""))
     lines += ["", f"Each experiment: the default with another `train.seed`, {r['steps']} optimizer steps, then "
                   f"evaluate and export; {r['machine']}, {r['date']}."]
     return "\n".join(lines)

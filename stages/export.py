@@ -95,7 +95,9 @@ def hold_to_tolerance(check, primary, x):
             f"{x.loss_tolerance}), {primary} {check[f'test_{primary}']} vs {check[f'adapter_test_{primary}']} "
             f"(difference {metric_diff:.4f}, paired 95% interval [{low}, {high}], export.metric_tolerance "
             f"{x.metric_tolerance}); same answer on "
-            f"{check['answer_agreement']:.1%} of test. Nothing was exported.")
+            f"{check['answer_agreement']:.1%} of test. Nothing was exported"
+            + (f". export.dtype: float32 keeps more of the model than {x.dtype}" if x.dtype != "float32" else "")
+            + "; to compare runs without exporting them, `dvc exp run evaluate ...` stops before this stage.")
 
 
 def data_version(p):

@@ -75,3 +75,36 @@ def test_user_facing_text_is_short_and_names_no_issue_or_commit():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             found = re.search(r"issue [0-9]|issue #|\b[0-9a-f]{7,40}\b", line)
             assert not found, f"{path.relative_to(ROOT)}:{number}: {found.group()!r} in {line!r}"
+
+
+def slug(heading):
+    """GitHub's anchor of a Markdown heading."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_pages_leads_somewhere():
+    import re
+
+    pages = [ROOT / "README.md", ROOT / "benchmarks/README.md", ROOT / "data/README.md",
+             *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md":
+                fence, headings = False, set()
+                for line in linked.read_text().splitlines():
+                    fence ^= line.startswith("```")
+                    if not fence and line.startswith("#"):
+                        headings.add(slug(line.lstrip("#")))
+                if anchor not in headings:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
