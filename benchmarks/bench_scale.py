@@ -163,8 +163,8 @@ def main():
         timed(["dvc", "checkout"], project, env)
         for name in args.scales:
             set_data(project, SCALES[name])
-            for folder in ("data/prepared", "data/tokenized"):  # so that DVC has them to make at every scale
-                shutil.rmtree(project / folder, ignore_errors=True)
+            for output in ("data/prepared", "data/tokenized"):  # so that DVC has them to make at every scale
+                shutil.rmtree(project / output, ignore_errors=True)
             repro = timed(["dvc", "repro", "--no-run-cache", "tokenize"], project, env)
             noop = timed(["dvc", "repro", "tokenize"], project, env)
             prepare = timed([sys.executable, "-m", "stages.prepare"], project, env)

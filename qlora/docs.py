@@ -121,10 +121,14 @@ def stage_times():
         export=f"adapter merged, saved in {x['dtype']} ({x['disk_mb']} MB); the same answer as the adapter on "
                f"{x['answer_agreement']:.0%} of test, test loss {x['test_loss']} vs {x['adapter_test_loss']}",
     )
+    import yaml
+
+    order = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    rows = {name: f"| {name} | {seconds:.0f} s | {did.get(name, '')} |" for name, seconds in r["stages"].items()}
+    rows.update({name: f"| {name} | skipped | its outputs are committed in git and its inputs did not change |"
+                 for name in r.get("skipped", [])})
     lines = ["| stage | time | what it did |", "|---|---|---|"]
-    lines += [f"| {name} | {seconds:.0f} s | {did.get(name, '')} |" for name, seconds in r["stages"].items()]
-    lines += [f"| {name} | skipped | its outputs are committed in git and its inputs did not change |"
-              for name in r.get("skipped", [])]
+    lines += [rows[name] for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order))]
     minutes, seconds = divmod(round(r["total_seconds"]), 60)
     lines += [f"| **total** | **{minutes} min {seconds} s** | `{r['command']}` in a fresh clone, nothing cached |",
               "", f"{r['machine']}, {r['date']}. A second `dvc repro` right after found nothing to do in "
