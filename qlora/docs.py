@@ -19,7 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # where the pages and result files are (a test points it elsewhere)
+REPO = ROOT  # the git repository and its dvc.yaml, which the pages describe
 FILES = ["README.md", "docs/*.md", "benchmarks/README.md"]
 FOLDERS = dict(metrics="metrics", results="benchmarks/results", reports="reports")
 BLOCK = re.compile(r"(<!-- begin ([\w-]+) \(make docs\) -->\n)(.*?)(<!-- end \2 -->)", re.S)
@@ -123,7 +124,7 @@ def stage_times():
     )
     import yaml
 
-    order = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    order = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     rows = {name: f"| {name} | {seconds:.0f} s | {did.get(name, '')} |" for name, seconds in r["stages"].items()}
     rows.update({name: f"| {name} | skipped | its outputs are committed in git and its inputs did not change |"
                  for name in r.get("skipped", [])})
@@ -151,7 +152,7 @@ def after_repro():
                 "file: the run reproduced every committed output exactly.")
     differing = set()
     for stem, values in r["metrics"].items():
-        shown = subprocess.run(["git", "show", f"{r['commit']}:metrics/{stem}.json"], cwd=ROOT, capture_output=True,
+        shown = subprocess.run(["git", "show", f"{r['commit']}:metrics/{stem}.json"], cwd=REPO, capture_output=True,
                                text=True)
         if shown.returncode == 0:
             committed = json.loads(shown.stdout)

@@ -72,7 +72,8 @@ def test_user_facing_text_is_short_and_names_no_issue_or_commit():
     assert {"levers.md", "data.md", "experiments.md", "sharing.md", "scaling.md", "reliability.md",
             "development.md"} <= pages
     for path in [ROOT / "README.md", ROOT / "benchmarks/README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        prose = docs.BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), path.read_text())  # rendered output aside
+        for number, line in enumerate(prose.splitlines(), 1):
             found = re.search(r"issue [0-9]|issue #|\b[0-9a-f]{7,40}\b", line)
             assert not found, f"{path.relative_to(ROOT)}:{number}: {found.group()!r} in {line!r}"
 
