@@ -106,7 +106,7 @@ def flatten(tree, prefix=""):
 def experiment_rows(revs=None, names=None, workspace=False):
     """One row per experiment (and its baseline commit): name, rev, flat params, metrics by file.
     With `names`, only those experiments (and the commit); with `workspace`, the workspace too
-    when its params or metrics differ from its commit's (a `dvc repro` not yet committed)."""
+    when its params or metrics are those of no other row (a `dvc repro` not yet committed)."""
     rows = []
     for baseline in json.loads(dvc("exp", "show", "--json", *(["--rev", *revs] if revs else []))):
         if baseline["rev"] == "workspace" and not (workspace and not revs):
@@ -115,18 +115,18 @@ def experiment_rows(revs=None, names=None, workspace=False):
         for exp in baseline.get("experiments") or []:
             entries += [(exp.get("name") or r["rev"][:7], r, False) for r in exp["revs"][:1]]
         for name, entry, is_commit in entries:
-            if names and not is_commit and name not in names:
-                continue
             data = entry.get("data") or {}
             params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
             metrics = {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()}
-            rows.append(dict(name=name, rev=entry["rev"], params=params, metrics=metrics,
+            rows.append(dict(name=name, rev=entry["rev"], params=params, metrics=metrics, commit=is_commit,
                              status=data.get("status") or "Success"))
     if rows and rows[0]["rev"] == "workspace":
-        if len(rows) > 1 and (rows[0]["params"], rows[0]["metrics"]) == (rows[1]["params"], rows[1]["metrics"]):
-            rows.pop(0)  # the workspace is its commit: one row is enough
+        if any((rows[0]["params"], rows[0]["metrics"]) == (r["params"], r["metrics"]) for r in rows[1:]):
+            rows.pop(0)  # the workspace is its commit, or the experiment just run: one row is enough
         else:
             rows[0]["name"] = "workspace"
+    if names:
+        rows = [r for r in rows if r["commit"] or r["name"] in names]
     if names and set(names) - {r["name"] for r in rows}:
         raise SystemExit(f"no experiment named {', '.join(sorted(set(names) - {r['name'] for r in rows}))} "
                          "on this commit (dvc exp show lists them)")

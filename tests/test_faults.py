@@ -24,7 +24,7 @@ RESUMABLE = {"train.max_steps": 12, "train.checkpoint_steps": 4, "train.eval_ste
 # 12.0119 vs 12.0107, val loss 11.984 vs 11.988; also with lora.dropout 0, so not the
 # dropout RNG). Data order, step count, schedule and curves line up; stated tolerance 0.1%.
 RESUME_TOLERANCE = 1e-3
-TIMING = {"seconds", "tokens_per_second", "resumed_from_step"}
+TIMING = {"seconds", "tokens_per_second", "resumed_from_step", "mfu", "peak_memory_mb", "threads"}  # cost, not result
 
 
 def metrics(project, name):
