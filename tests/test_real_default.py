@@ -38,5 +38,5 @@ def test_real_default_pipeline_reduced(real_project):
     assert export["max_abs_logit_diff"] <= 1.5 * export["float32_max_abs_logit_diff"]
     # Near-tied next tokens flip between bf16 kernels (measured 0.96 on 8 test examples); the
     # stage itself holds the test loss and accuracy to export.*_tolerance.
-    assert export["max_abs_logit_diff"] < 3.0 and export["argmax_agreement"] >= 0.9
+    assert export["argmax_agreement"] >= 0.9
     assert abs(export["test_loss"] - export["adapter_test_loss"]) <= 0.05
