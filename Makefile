@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: repro test install clean exps plots compare noise docs s3-server
+.PHONY: repro test install clean exps plots compare noise tune docs s3-server
 
 repro: $(VENV)/.installed
 	dvc repro
@@ -46,6 +46,11 @@ docs: $(VENV)/.installed
 SEEDS ?= 3
 noise: $(VENV)/.installed
 	python -m qlora.report noise --seeds $(SEEDS) $(if $(DATA_SEEDS),--data-seeds)
+
+# A hyperparameter search whose every trial is a DVC experiment: the space, budget and objective in
+# tune.yaml (or CONFIG=file); the study in reports/tune/, resumed where it stopped.
+tune: $(VENV)/.installed
+	python -m qlora.tune $(if $(CONFIG),--config $(CONFIG))
 
 # A real S3 server (SeaweedFS) on 127.0.0.1, data in .s3/, as this project's default DVC
 # remote (in .dvc/config.local); runs until Ctrl-C. Then: dvc push, dvc pull.

@@ -342,7 +342,51 @@ def bring_your_model(name):
     return make
 
 
+def lora_variants():
+    """The LoRA variants on the default, one lever each (benchmarks/bench_variants.py)."""
+    r = read("lora-variants", "benchmarks/results")
+    base = r["variants"]["default (kaiming)"]
+    lines = ["| variant | `-S` | val loss | test accuracy [95% interval] | test loss | train tokens/s | vs default | "
+             "peak RSS (MB) | trainable parameters |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        sets = " ".join(f"`{o}`" for o in v["overrides"]) or "(none)"
+        if "error" in v:
+            lines.append(f"| {name} | {sets} | failed: {v['error']} | | | | | | |")
+            continue
+        lines.append(f"| {name} | {sets} | {v['val_loss']} | {v['test_accuracy']} [{v['test_accuracy_ci_low']}, "
+                     f"{v['test_accuracy_ci_high']}] | {v['test_loss']} | {v['tokens_per_second']} | "
+                     f"{times(v['tokens_per_second'] / base['tokens_per_second'])} | {v['peak_memory_mb']:.0f} | "
+                     f"{v['trainable_parameters']:,} |")
+    lines += ["", f"The default params with one change each: the same data, seed and {base['steps']} steps; train and "
+                  f"evaluate as DVC experiments (`variant-*`), one at a time. {r['machine']}, {r['date']}."]
+    return "\n".join(lines)
+
+
+def tune_study(study):
+    """A `make tune` study: its trials, the best one and the importances (reports/tune/<study>.json)."""
+    def make():
+        from qlora.report import markdown_table
+        from qlora.tune import fmt, trials_table
+
+        r = read(study, "reports/tune")
+        best = r["best"]
+        lines = [trials_table(r, markdown_table), "",
+                 f"Objective: {r['direction']} `{r['objective']}` on the val split, {len(r['trials'])} trials "
+                 f"({sum(t['value'] is not None for t in r['trials'])} finished). Best: **{best['experiment']}**, "
+                 f"{r['objective']} {fmt(best['value'])}, with "
+                 + ", ".join(f"`{k}={fmt(v)}`" for k, v in best["params"].items())
+                 + f"; `dvc exp apply {best['experiment']}` restores it. {r['machine']}, {r['date']}."]
+        if r["importances"]:
+            lines += ["", "Parameter importances (Optuna's fANOVA; with this few trials, a rough guide): "
+                      + ", ".join(f"{k} {fmt(v)}" for k, v in r["importances"].items()) + "."]
+        return "\n".join(lines)
+
+    return make
+
+
 BLOCKS = {
+    "lora-variants": lora_variants,
+    "tune-study": tune_study("lr-r-dropout"),
     "default-scores": default_scores,
     "noise-floor": noise_floor,
     "compare-example": compare_page("docs/compare-example"),

@@ -1,19 +1,24 @@
 """params.yaml, typed and validated before any heavy work.
 
-Every stage calls `load_params(PARAMS)` with the keys it declares in dvc.yaml. The
-whole file is checked (unknown keys, types, ranges, allowed values) and the stage
-gets a view that refuses keys it did not declare, so dvc.yaml cannot drift from
-what the code reads without a stage failing.
+The schema is a set of pydantic dataclasses: each key's type, bounds and allowed values sit
+on its field, with the phrase an error states (`must`), and the few rules across keys sit in
+a validator beside them. A lever is one field here, one line in params.yaml and one in docs.
+
+Every stage calls `load_params(PARAMS)` with the keys it declares in dvc.yaml. The whole file
+is checked (unknown keys, types, ranges, allowed values) and the stage gets a view that
+refuses keys it did not declare, so dvc.yaml cannot drift from what the code reads without a
+stage failing. Errors name the file, the key and the value.
 """
 
-import dataclasses
-import math
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = "params.yaml"
 
@@ -22,115 +27,238 @@ class ParamsError(SystemExit):
     """A bad value in params.yaml: the stage exits non-zero with this message, naming file, key and value."""
 
 
-@dataclass(frozen=True)
+def must(what, **bounds):
+    """A field's bounds with the phrase its error states: `<key> must be <what>, got <value>`."""
+    return Field(strict=True, **bounds, json_schema_extra={"must": what})
+
+
+def either(*types, what):
+    """A union (for example a number or null) whose every error states `what`."""
+    return Annotated[typing.Union[types], Field(json_schema_extra={"must": what})]
+
+
+def nonzero(value):
+    if value == 0:
+        raise ValueError("-1 or a positive integer")
+    return value
+
+
+def choice(*values):
+    return Annotated[Literal[values], Field(json_schema_extra={"must": "one of " + ", ".join(map(str, values))})]
+
+
+def rule(key, value, what):
+    """An error of a rule across keys, in the same words as a field's."""
+    return PydanticCustomError("params", "{key} must be {what}, got {value}",
+                               {"key": key, "what": what, "value": repr(value)})
+
+
+def _yaml_number(value):
+    # PyYAML reads 1e-4 (no dot) as a string, while `dvc exp run -S` writes it so.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _text_list(value):
+    # Labels written as numbers ([1, 2, 3]) are the text they read as: answers are text.
+    ok = isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                         and str(v).strip() for v in value)
+    if not ok:
+        raise ValueError("a list of non-empty strings")
+    return [str(v) for v in value]
+
+
+def _new_lines(value):
+    # In these texts `\n` written as two characters (as `dvc exp run -S` passes it) means a new line.
+    return value.replace("\\n", "\n") if isinstance(value, str) else value
+
+
+Int = Annotated[int, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+Str = Annotated[str, Field(strict=True)]
+Number = Annotated[float, BeforeValidator(_yaml_number), Field(strict=True, allow_inf_nan=False)]
+PositiveInt = Annotated[int, must("a positive integer", gt=0)]
+PositiveNumber = Annotated[Number, must("a positive number", gt=0)]
+Fraction = Annotated[Number, must("between 0 and 1", gt=0, lt=1)]
+Share = Annotated[Number, must("in [0, 1)", ge=0, lt=1)]
+NonNegative = Annotated[Number, must(">= 0", ge=0)]
+Texts = Annotated[list[str], BeforeValidator(_text_list)]
+MultilineText = Annotated[Str | None, AfterValidator(_new_lines)]
+
+SOURCES = ("bundled", "local", "gguf", "hub")
+TEMPLATES = ("auto", "chat", "plain")
+ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
+TASKS = ("auto", "classification", "generation")
+BITS = (4, 8, 16)
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+LORA_BIASES = ("none", "all", "lora_only")
+# How peft initialises the adapter (LoraConfig.init_lora_weights; stages/train.py maps them).
+LORA_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq", "eva")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+# transformers' SchedulerType and OptimizerNames, spelled out: importing them imports torch and
+# peft (4 s), which the light stages (validate, prepare) do not need. tests/test_params.py fails
+# when these differ from the installed transformers' own.
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_apex_fused",
+    "adafactor", "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+    "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+    "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+    "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+    "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw",
+)
+
+SCHEMA = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=SCHEMA)
 class Paths:
-    raw: str
-    prepared: str
-    tokenized: str
-    base: str
-    tokenizer: str
-    quantized: str
-    adapter: str
-    export: str
-    checkpoints: str
-    metrics: str
+    raw: Str
+    prepared: Str
+    tokenized: Str
+    base: Str
+    tokenizer: Str
+    quantized: Str
+    adapter: Str
+    export: Str
+    checkpoints: Str
+    metrics: Str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Data:
-    hub_id: str | None
-    hub_split: str
-    prompt_field: str | None
-    completion_field: str | None
-    messages_field: str | None
-    prompt_template: str | None
-    labels: list[str]
-    max_per_label: int | None
-    bad_rows: str
-    val_fraction: float
-    test_fraction: float
-    seed: int
+    hub_id: Str | None
+    hub_split: Str
+    prompt_field: Str | None
+    completion_field: Str | None
+    messages_field: Str | None
+    prompt_template: MultilineText
+    labels: Texts
+    max_per_label: either(Annotated[int, Field(strict=True, gt=0)], None, what="a positive integer or null")
+    bad_rows: choice("error", "drop")
+    val_fraction: Fraction
+    test_fraction: Fraction
+    seed: Int
+
+    @model_validator(mode="after")
+    def _fields_and_split(self):
+        if not (self.prompt_field or self.prompt_template or self.messages_field):
+            raise rule("data.prompt_field", self.prompt_field, "set (or data.prompt_template or data.messages_field)")
+        if not (self.completion_field or self.messages_field):
+            raise rule("data.completion_field", self.completion_field, "set (or data.messages_field)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise rule("data.test_fraction", self.test_fraction,
+                       f"small enough to leave training data (val_fraction is {self.val_fraction})")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Base:
-    source: str
-    path: str | None
-    hub_id: str | None
-    revision: str | None
-    trust_remote_code: bool
+    source: choice(*SOURCES)
+    path: Str | None
+    hub_id: Str | None
+    revision: Str | None
+    trust_remote_code: Bool
+
+    @model_validator(mode="after")
+    def _source_needs(self):
+        if self.source == "local" and not self.path:
+            raise rule("base.path", self.path, "a model folder when base.source is local")
+        if self.source == "gguf" and not (self.path and self.path.endswith(".gguf")):
+            raise rule("base.path", self.path, "a .gguf file when base.source is gguf")
+        if self.source == "hub" and not self.hub_id:
+            raise rule("base.hub_id", self.hub_id, "a hub model id when base.source is hub")
+        if self.source == "hub" and not self.revision:
+            raise rule("base.revision", self.revision, "a pinned commit hash when base.source is hub")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Tokenize:
-    max_length: int
-    template: str
-    system_prompt: str | None
+    max_length: Annotated[int, must("an integer >= 16", ge=16)]
+    template: choice(*TEMPLATES)
+    system_prompt: MultilineText
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Quantize:
-    bits: int
-    quant_type: str
-    double_quant: bool
-    compute_dtype: str
-    quant_storage: str
+    bits: choice(*BITS)
+    quant_type: choice(*QUANT_TYPES)
+    double_quant: Bool
+    compute_dtype: choice(*COMPUTE_DTYPES)
+    quant_storage: choice("uint8", *COMPUTE_DTYPES)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Lora:
-    r: int
-    alpha: float
-    dropout: float
-    target_modules: list[str] | str
-    bias: str
+    r: PositiveInt
+    alpha: PositiveNumber
+    dropout: Share
+    target_modules: either(Annotated[list[Str], Field(min_length=1)], Literal["all-linear"],
+                           what=f"a non-empty list of module names, or {ALL_LINEAR}")
+    bias: choice(*LORA_BIASES)
+    use_dora: Bool
+    use_rslora: Bool
+    init: choice(*LORA_INITS)
+    modules_to_save: Annotated[list[Str], must("a list of module names (may be empty)")]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Train:
-    epochs: float
-    max_steps: int
-    batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    lr_scheduler: str
-    warmup_ratio: float
-    optimizer: str
-    weight_decay: float
-    max_grad_norm: float
-    gradient_checkpointing: bool
-    gradient_checkpointing_every: int
-    attn_implementation: str
-    group_by_length: bool
-    padding_free: bool
-    processes: int
-    distributed: str
-    logging_steps: int
-    eval_steps: int
-    early_stopping_patience: int
-    early_stopping_min_delta: float
-    checkpoint_steps: int
-    seed: int
+    epochs: PositiveNumber
+    max_steps: Annotated[int, must("-1 or a positive integer", ge=-1), AfterValidator(nonzero)]
+    batch_size: PositiveInt
+    gradient_accumulation_steps: PositiveInt
+    learning_rate: Fraction
+    lr_scheduler: choice(*SCHEDULERS)
+    warmup_ratio: Share
+    optimizer: choice(*OPTIMIZERS)
+    weight_decay: NonNegative
+    max_grad_norm: PositiveNumber
+    gradient_checkpointing: Bool
+    gradient_checkpointing_every: PositiveInt
+    attn_implementation: choice(*ATTN_IMPLEMENTATIONS)
+    group_by_length: Bool
+    padding_free: Bool
+    processes: PositiveInt
+    distributed: Annotated[Str, must("the name of a config in accelerate/ (ddp, fsdp, or one of yours)",
+                                     min_length=1, pattern=r"^[^/]+$")]
+    logging_steps: PositiveInt
+    eval_steps: PositiveInt
+    early_stopping_patience: Annotated[int, must("0 (off) or a positive integer", ge=0)]
+    early_stopping_min_delta: NonNegative
+    checkpoint_steps: Annotated[int, must("0 (off) or a positive integer", ge=0)]
+    seed: Int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Evaluate:
-    task: str
-    batch_size: int
-    max_new_tokens: int | str
-    overfitting_rise_pct: float
-    samples: int
+    task: choice(*TASKS)
+    batch_size: PositiveInt
+    max_new_tokens: either(Annotated[int, Field(strict=True, gt=0)], Literal["auto"], what="auto or a positive integer")
+    overfitting_rise_pct: NonNegative
+    samples: Annotated[int, must("0 or a positive integer", ge=0)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Export:
-    dtype: str
-    check_examples: int
-    loss_tolerance: float
-    metric_tolerance: float
+    dtype: choice(*COMPUTE_DTYPES)
+    check_examples: PositiveInt
+    loss_tolerance: PositiveNumber
+    metric_tolerance: Annotated[Number, must("in [0, 1]", ge=0, le=1)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class Params:
     paths: Paths
     data: Data
@@ -142,23 +270,17 @@ class Params:
     evaluate: Evaluate
     export: Export
 
-
-SOURCES = ("bundled", "local", "gguf", "hub")
-TEMPLATES = ("auto", "chat", "plain")
-ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
-TASKS = ("auto", "classification", "generation")
-# Text params in which `\n` written as two characters (as `dvc exp run -S` passes it) means a new line.
-MULTILINE = {"data.prompt_template", "tokenize.system_prompt"}
-BITS = (4, 8, 16)
-QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-LORA_BIASES = ("none", "all", "lora_only")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
-ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-OPTIMIZERS = (
-    "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_bnb_8bit", "adamw_8bit",
-    "paged_adamw_32bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit", "rmsprop",
-)
+    @model_validator(mode="after")
+    def _init_fits_base(self):
+        init, bits = self.lora.init, self.quantize.bits
+        if init == "pissa" and bits != 16:
+            raise rule("lora.init", init, f"an init that works on a {bits}-bit base: pissa takes A and B from the "
+                       "SVD of the full-precision weights and keeps their residual as the base, which peft cannot "
+                       "do on quantized ones (set quantize.bits: 16, or lora.init: olora, which re-quantizes)")
+        if init == "loftq" and bits != 4:
+            raise rule("lora.init", init, f"an init for this base: loftq offsets the 4-bit quantization error, and "
+                       f"quantize.bits is {bits}")
+        return self
 
 
 def load_params(declared, path=PARAMS_FILE):
@@ -175,166 +297,54 @@ def parse_params(path=PARAMS_FILE):
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    params = _build(Params, raw, path, "")
-    _check(params, path)
-    return params
-
-
-def _build(cls, raw, path, prefix):
-    where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: {where} must be a mapping, got {raw!r}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ParamsError(f"{path}: unknown key {prefix}{unknown[0]} (known: {', '.join(names)})")
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise ParamsError(f"{path}: missing key {prefix}{missing[0]}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name in names:
-        key, value, hint = f"{prefix}{name}", raw[name], hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, path, f"{key}.")
-        else:
-            values[name] = _coerce(value, hint, path, key)
-            if key in MULTILINE and isinstance(values[name], str):
-                values[name] = values[name].replace("\\n", "\n")
-    return cls(**values)
+        raise ParamsError(f"{path}: the top level must be a mapping, got {raw!r}")
+    try:
+        return Params(**raw)
+    except ValidationError as err:
+        raise ParamsError(f"{path}: {explain(err.errors()[0])}") from None
 
 
-def _coerce(value, hint, path, key):
-    """Check `value` against a simple type hint; ints are accepted where floats are."""
-    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-    if optional:
-        if value is None:
-            return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    lists = [a for a in typing.get_args(hint) if typing.get_origin(a) is list]
-    if lists:  # a list, or one word such as all-linear that _check allows
-        if isinstance(value, str):
-            return value
-        hint = lists[0]
-    if typing.get_origin(hint) is list:
-        # Labels written as numbers ([1, 2, 3]) are the text they read as: answers are text.
-        ok = isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                                             and str(v).strip() for v in value)
-        if not ok:
-            raise ParamsError(f"{path}: {key} must be a list of non-empty strings, got {value!r}")
-        return [str(v) for v in value]
-    if hint == int | str:  # an integer, or a word such as `auto` that _check allows
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ParamsError(f"{path}: {key} must be an integer or a word, got {value!r}")
-        return value
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        # PyYAML reads 1e-4 (no dot) as a string, while `dvc exp run -S` writes it so.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, hint)
-    if not ok:
-        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
-        raise ParamsError(f"{path}: {key} must be {kind}, got {value!r}")
-    return value
+TYPE_WORDS = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+              "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+              "bool_parsing": "true or false", "string_type": "a string"}
 
 
-def _check(p, path):
-    """Ranges and allowed values, each error naming the key and the value."""
+def explain(error):
+    """One pydantic error in this file's words: `<key> must be <what>, got <value>`."""
+    if error["type"] == "params":  # a rule across keys
+        return error["msg"]
+    cls, key, field = Params, [], None
+    for part in error["loc"]:  # field names, then (in a union) the branch tried
+        fields = getattr(cls, "__pydantic_fields__", {})
+        if part not in fields and error["type"] not in ("unexpected_keyword_argument", "missing", "missing_argument"):
+            break
+        key.append(str(part))
+        field = fields.get(part)
+        cls = field.annotation if field else None
+    name = ".".join(key)
+    if error["type"] == "unexpected_keyword_argument":
+        known = ", ".join(getattr(_section(key[:-1]), "__pydantic_fields__", {}))
+        return f"unknown key {name} (known: {known})"
+    if error["type"] in ("missing", "missing_argument"):
+        return f"missing key {name}"
+    if error["type"] == "dataclass_type":
+        return f"{name} must be a mapping, got {error['input']!r}"
+    what = (field.json_schema_extra or {}).get("must") if field else None
+    kind = TYPE_WORDS.get(error["type"])
+    union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType) if field else False
+    if error["type"] == "value_error":
+        what = str(error["ctx"]["error"])
+    elif kind and not (what and union):  # a union's phrase names every type it takes
+        what = kind
+    return f"{name} must be {what or error['msg']}, got {error['input']!r}"
 
-    def require(ok, key, value, what):
-        if not ok:
-            raise ParamsError(f"{path}: {key} must be {what}, got {value!r}")
 
-    def one_of(key, value, allowed):
-        require(value in allowed, key, value, "one of " + ", ".join(map(str, allowed)))
-
-    d = p.data
-    require(d.prompt_field or d.prompt_template or d.messages_field, "data.prompt_field", d.prompt_field,
-            "set (or data.prompt_template or data.messages_field)")
-    require(d.completion_field or d.messages_field, "data.completion_field", d.completion_field,
-            "set (or data.messages_field)")
-    one_of("data.bad_rows", d.bad_rows, ("error", "drop"))
-    require(d.max_per_label is None or d.max_per_label > 0, "data.max_per_label", d.max_per_label, "a positive integer or null")
-    require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
-    require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "between 0 and 1")
-    require(d.val_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
-            f"small enough to leave training data (val_fraction is {d.val_fraction})")
-
-    b = p.base
-    one_of("base.source", b.source, SOURCES)
-    if b.source == "local":
-        require(bool(b.path), "base.path", b.path, "a model folder when base.source is local")
-    if b.source == "gguf":
-        require(bool(b.path) and str(b.path).endswith(".gguf"), "base.path", b.path,
-                "a .gguf file when base.source is gguf")
-    if b.source == "hub":
-        require(bool(b.hub_id), "base.hub_id", b.hub_id, "a hub model id when base.source is hub")
-        require(bool(b.revision), "base.revision", b.revision, "a pinned commit hash when base.source is hub")
-
-    require(p.tokenize.max_length >= 16, "tokenize.max_length", p.tokenize.max_length, "an integer >= 16")
-    one_of("tokenize.template", p.tokenize.template, TEMPLATES)
-
-    q = p.quantize
-    one_of("quantize.bits", q.bits, BITS)
-    one_of("quantize.quant_type", q.quant_type, QUANT_TYPES)
-    one_of("quantize.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
-    one_of("quantize.quant_storage", q.quant_storage, ("uint8",) + COMPUTE_DTYPES)
-
-    lo = p.lora
-    require(lo.r > 0, "lora.r", lo.r, "a positive integer")
-    require(lo.alpha > 0, "lora.alpha", lo.alpha, "a positive number")
-    require(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "in [0, 1)")
-    require(lo.target_modules == ALL_LINEAR if isinstance(lo.target_modules, str) else len(lo.target_modules) > 0,
-            "lora.target_modules", lo.target_modules, f"a non-empty list of module names, or {ALL_LINEAR}")
-    one_of("lora.bias", lo.bias, LORA_BIASES)
-
-    t = p.train
-    require(t.epochs > 0, "train.epochs", t.epochs, "a positive number")
-    require(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", t.max_steps, "-1 or a positive integer")
-    require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
-    require(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", t.gradient_accumulation_steps,
-            "a positive integer")
-    require(0 < t.learning_rate < 1, "train.learning_rate", t.learning_rate, "between 0 and 1")
-    one_of("train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
-    require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)")
-    one_of("train.optimizer", t.optimizer, OPTIMIZERS)
-    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
-    require(t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm, "a positive number")
-    require(t.gradient_checkpointing_every > 0, "train.gradient_checkpointing_every", t.gradient_checkpointing_every,
-            "a positive integer")
-    one_of("train.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
-    require(t.processes > 0, "train.processes", t.processes, "a positive integer")
-    require(bool(t.distributed) and "/" not in t.distributed, "train.distributed", t.distributed,
-            "the name of a config in accelerate/ (ddp, fsdp, or one of yours)")
-    require(t.logging_steps > 0, "train.logging_steps", t.logging_steps, "a positive integer")
-    require(t.eval_steps > 0, "train.eval_steps", t.eval_steps, "a positive integer")
-    require(t.early_stopping_patience >= 0, "train.early_stopping_patience", t.early_stopping_patience,
-            "0 (off) or a positive integer")
-    require(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", t.early_stopping_min_delta, ">= 0")
-    require(t.checkpoint_steps >= 0, "train.checkpoint_steps", t.checkpoint_steps, "0 (off) or a positive integer")
-
-    e = p.evaluate
-    one_of("evaluate.task", e.task, TASKS)
-    require(e.batch_size > 0, "evaluate.batch_size", e.batch_size, "a positive integer")
-    require(e.max_new_tokens == "auto" or isinstance(e.max_new_tokens, int) and e.max_new_tokens > 0,
-            "evaluate.max_new_tokens", e.max_new_tokens, "auto or a positive integer")
-    require(e.overfitting_rise_pct >= 0, "evaluate.overfitting_rise_pct", e.overfitting_rise_pct, ">= 0")
-    require(e.samples >= 0, "evaluate.samples", e.samples, "0 or a positive integer")
-
-    one_of("export.dtype", p.export.dtype, COMPUTE_DTYPES)
-    require(p.export.check_examples > 0, "export.check_examples", p.export.check_examples, "a positive integer")
-    require(p.export.loss_tolerance > 0, "export.loss_tolerance", p.export.loss_tolerance, "a positive number")
-    require(0 <= p.export.metric_tolerance <= 1, "export.metric_tolerance", p.export.metric_tolerance, "in [0, 1]")
+def _section(key):
+    cls = Params
+    for part in key:
+        cls = cls.__pydantic_fields__[part].annotation
+    return cls
 
 
 class _DeclaredView:

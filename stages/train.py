@@ -36,21 +36,70 @@ from qlora.params import ParamsError, load_params
 from qlora.splits import load_split
 
 LIVE_DIR = "live"  # under paths.metrics: dvclive's curves, declared as plots in dvc.yaml
-PARAMS = ["lora", "train", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
+PARAMS = ["lora", "train", "paths.base", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
           "paths.checkpoints", "paths.metrics"]
 
 
-def lora_config(lo):
-    from peft import LoraConfig
+# lora.init as peft's LoraConfig.init_lora_weights. kaiming is peft's own default (True): A
+# Kaiming-uniform, B zero. LoftQ and EVA are computed after the model is built (initialise_lora).
+LORA_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True,
+             "eva": "eva"}
 
+
+def lora_config(lo):
+    from peft import EvaConfig, LoraConfig
+
+    # EVA over every token a layer sees (the prompt too): the answer tokens alone, a few per example,
+    # are too few for its SVD at batch sizes that fit on a CPU.
+    eva = EvaConfig(use_label_mask=False) if lo.init == "eva" else None
     return LoraConfig(
+        eva_config=eva,
         r=lo.r,
         lora_alpha=lo.alpha,
         lora_dropout=lo.dropout,
         target_modules=lo.target_modules,
         bias=lo.bias,
+        use_dora=lo.use_dora,
+        use_rslora=lo.use_rslora,
+        init_lora_weights=LORA_INIT[lo.init],
+        modules_to_save=lo.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
+
+
+def initialise_lora(trainer, p):
+    """The initialisations peft computes on the built model: LoftQ from the unquantized weights
+    (models/base), so that base + adapter starts closer to them than the 4-bit base alone; EVA
+    from the singular vectors of each layer's inputs over the train data."""
+    if p.lora.init == "loftq":
+        from peft import replace_lora_weights_loftq
+
+        if device() != "cuda":
+            raise ParamsError("params.yaml: lora.init loftq needs a CUDA GPU: peft computes LoftQ for an already "
+                              "quantized base on CUDA only (peft.replace_lora_weights_loftq). On this machine use "
+                              "kaiming, gaussian, olora or eva")
+
+        weights = Path(p.paths.base) / "model.safetensors"
+        if not weights.exists():
+            raise ParamsError(f"params.yaml: lora.init loftq reads the unquantized weights from one file, {weights}, "
+                              f"which does not exist (a sharded base model is not supported)")
+        replace_lora_weights_loftq(trainer.model, model_path=str(weights))
+    elif p.lora.init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        batches = trainer.get_train_dataloader()
+        limit = EVA_PASSES * len(batches)
+
+        def forward(model, inputs):  # peft cycles the data until every layer's components converge
+            forward.calls += 1
+            if forward.calls > limit:
+                raise ParamsError(f"params.yaml: lora.init eva: the SVD of the layers' inputs did not settle in "
+                                  f"{EVA_PASSES} passes over the train split ({limit} batches). Lower lora.r "
+                                  f"({p.lora.r}), or use another init")
+            return model(**{k: v for k, v in inputs.items() if k != "labels"})
+
+        forward.calls = 0
+        initialize_lora_eva_weights(trainer.model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
 
 
 EAGER_UP_TO = 160  # tokens: CPU attention fwd+bwd, batch 8, SmolLM2 heads: eager 10 ms vs sdpa 18 at 128, 23 vs 18 at 192
@@ -272,6 +321,8 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     from transformers import AutoTokenizer, ProgressCallback, set_seed
     from trl import SFTTrainer
 
+    if p.lora.init == "loftq" and device() != "cuda":
+        initialise_lora(None, p)  # its error, before the model is loaded
     set_seed(p.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     model = load_model(p.paths.quantized)  # 4-bit layers off the AVX512-BF16 trap: qlora/models.py
@@ -299,6 +350,7 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
         peft_config=lora_config(p.lora),
         callbacks=list(callbacks),
     )
+    initialise_lora(trainer, p)
     fast_lora_dropout(trainer.model)  # the same dropout, its masks drawn faster on CPU
     trainer.remove_callback(ProgressCallback)  # it prints every log as a dict; progress_callback reads better
     trainer.add_callback(progress_callback())  # last, as the stock one: it shows the tokens/s added before it
@@ -354,10 +406,103 @@ def launch(p):
     return subprocess.run(cmd).returncode
 
 
-def main():
-    quiet_known_noise()  # before bitsandbytes is imported
+EVA_PASSES = 3  # lora.init eva: passes over the train split before its SVD must have converged
+MUTATING_INITS = ("pissa", "olora")  # they move part of each weight into A and B: the base they train on differs
+
+
+def save_initial(trainer, p, folder):
+    """PiSSA and OLoRA change the base weights they start from; the adapter they start with, kept
+    here, lets save_pretrained write the trained one as a plain LoRA of the unchanged base (rank
+    2r), which evaluate and export load. None for the other inits."""
+    if p.lora.init not in MUTATING_INITS:
+        return None
+    config = trainer.model.peft_config["default"]
+    config.init_lora_weights = True  # saved as a plain LoRA adapter, as peft's conversion expects
+    trainer.model.save_pretrained(folder)
+    config.init_lora_weights = LORA_INIT[p.lora.init]
+    return folder
+
+
+def stage_callbacks(p, live_dir, resume, main_process):
+    throughput = tokens_per_second_callback()
+    callbacks = [last_step_callback(), finite_loss_callback(), throughput, cores.rebalance_callback()]
+    if main_process:  # only the main process writes curves; the others never touch metrics/
+        callbacks.append(live_callback(live_dir, resume=bool(resume)))
+        if p.train.checkpoint_steps:
+            callbacks.append(live_snapshot_callback(live_dir))
+    if p.train.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(p.train.early_stopping_patience, p.train.early_stopping_min_delta))
+    return callbacks, throughput
+
+
+def run(trainer, p, resume):
+    """Train; returns the wall seconds. Out of memory stops with the levers that lower it."""
     import torch
 
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        raise SystemExit(
+            f"train: out of memory ({str(err).splitlines()[0][:200]}). Levers, in params.yaml: lower "
+            f"train.batch_size ({p.train.batch_size}) and raise train.gradient_accumulation_steps "
+            f"({p.train.gradient_accumulation_steps}) to keep the effective batch; lower tokenize.max_length; "
+            f"set train.gradient_checkpointing: true ({p.train.gradient_checkpointing}); 4-bit "
+            f"quantize.bits. Checkpoints so far are kept: the rerun resumes.") from None
+    if not any("loss" in h for h in trainer.state.log_history):
+        raise SystemExit("train: no training step was logged; no adapter written. Check train.max_steps, "
+                         "train.logging_steps and the size of the train split.")
+    return time.perf_counter() - start
+
+
+def write_adapter(trainer, p, run_dir, initial, main_process):
+    if trainer.is_fsdp_enabled:
+        # Sharded adapters are gathered by every process (peft's FSDP recipe); the main one writes.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(run_dir / "final"))
+    if main_process:
+        with atomic_dir(p.paths.adapter) as out:
+            if trainer.is_fsdp_enabled:
+                for name in ("adapter_model.safetensors", "adapter_config.json"):
+                    shutil.copy(run_dir / "final" / name, out / name)
+            else:
+                trainer.model.save_pretrained(out, path_initial_model_for_weight_conversion=initial)
+    trainer.accelerator.wait_for_everyone()
+
+
+def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
+    state, world = trainer.state, trainer.accelerator
+    history = [h["loss"] for h in state.log_history if "loss" in h]  # all finite: see FiniteLoss
+    tokens = state.num_input_tokens_seen - throughput.start_tokens
+    tokens_per_second = tokens / throughput.training_seconds
+    low, high = cores.threads_used()
+    mean_tokens = sum(map(len, trainer.train_dataset["input_ids"])) / len(trainer.train_dataset)
+    return dict(
+        trainable_parameters=trainable,
+        trainable_fraction=round(trainable / total, 6),
+        mean_loss=round(mean_logged_loss(state.log_history), 4),  # the whole run; evaluate.json has train_loss
+        final_loss=round(history[-1], 4),
+        steps=state.global_step,
+        epochs=round(state.epoch, 3),
+        seconds=round(seconds, 1),  # wall time of training in this process, evaluations included
+        tokens_per_second=round(tokens_per_second, 1),  # non-padding, evaluations excluded
+        mfu=cost.mfu(trainer.model.config, mean_tokens, trainable, tokens_per_second, high * world.num_processes),
+        peak_memory_mb=cost.peak_memory_mb(),  # this process: peak RSS on CPU, the most allocated on CUDA
+        stopped_early=state.global_step < state.max_steps,
+        stopped_at_step=state.global_step,
+        best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
+        resumed_from_step=step_of(resume) if resume else 0,
+        attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
+        threads=low if low == high else f"{low}-{high}",  # CPU threads: the fair share of the cores (qlora.cores)
+    ), history
+
+
+def main():
+    quiet_known_noise()  # before bitsandbytes is imported
     p = load_params(PARAMS)
     if p.train.processes > 1 and not is_launched():
         raise SystemExit(launch(p))
@@ -372,18 +517,11 @@ def main():
     if resume and main_process:
         restore_live(resume, live_dir)
         log(f"resuming from {resume} (step {step_of(resume)} of a run with the same params and data)")
-    throughput = tokens_per_second_callback()
-    callbacks = [last_step_callback(), finite_loss_callback(), throughput, cores.rebalance_callback()]
-    if main_process:  # only the main process writes curves; the others never touch metrics/
-        callbacks.append(live_callback(live_dir, resume=bool(resume)))
-        if p.train.checkpoint_steps:
-            callbacks.append(live_snapshot_callback(live_dir))
-    if p.train.early_stopping_patience:
-        from transformers import EarlyStoppingCallback
+    callbacks, throughput = stage_callbacks(p, live_dir, resume, main_process)
 
-        callbacks.append(EarlyStoppingCallback(p.train.early_stopping_patience, p.train.early_stopping_min_delta))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(p, run_dir or scratch, callbacks, resuming=bool(resume))
+        initial = save_initial(trainer, p, Path(scratch) / "initial-adapter")
         world = trainer.accelerator
         if main_process and world.num_processes > 1:
             log(f"world of {world.num_processes} processes ({world.distributed_type.value}), "
@@ -391,65 +529,14 @@ def main():
         trainable, total = trainer.model.get_nb_trainable_parameters()
         log(f"{trainable} trainable parameters of {total} ({100 * trainable / total:.3f}%), "
             f"{len(trainer.train_dataset)} examples")
-        start = time.perf_counter()
-        try:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
-                raise
-            raise SystemExit(
-                f"train: out of memory ({str(err).splitlines()[0][:200]}). Levers, in params.yaml: lower "
-                f"train.batch_size ({p.train.batch_size}) and raise train.gradient_accumulation_steps "
-                f"({p.train.gradient_accumulation_steps}) to keep the effective batch; lower tokenize.max_length; "
-                f"set train.gradient_checkpointing: true ({p.train.gradient_checkpointing}); 4-bit "
-                f"quantize.bits. Checkpoints so far are kept: the rerun resumes.") from None
-        seconds = time.perf_counter() - start
-        history = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # all finite: see FiniteLoss
-        if not history:
-            raise SystemExit("train: no training step was logged; no adapter written. Check train.max_steps, "
-                             "train.logging_steps and the size of the train split.")
-
-        if trainer.is_fsdp_enabled:
-            # Sharded adapters are gathered by every process (peft's FSDP recipe); the main one writes.
-            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-            trainer.save_model(str(run_dir / "final"))
-        if main_process:
-            with atomic_dir(p.paths.adapter) as out:
-                if trainer.is_fsdp_enabled:
-                    for name in ("adapter_model.safetensors", "adapter_config.json"):
-                        shutil.copy(run_dir / "final" / name, out / name)
-                else:
-                    trainer.model.save_pretrained(out)
-        trainer.accelerator.wait_for_everyone()
+        seconds = run(trainer, p, resume)
+        write_adapter(trainer, p, run_dir, initial, main_process)
     if not main_process:
         return  # the main process writes the adapter and metrics, once
     if run_dir and run_dir.exists():
         shutil.rmtree(run_dir)  # the adapter is written: DVC keeps it from here
 
-    state = trainer.state
-    tokens = state.num_input_tokens_seen - throughput.start_tokens
-    planned = state.max_steps
-    tokens_per_second = tokens / throughput.training_seconds
-    low, high = cores.threads_used()
-    mean_tokens = sum(map(len, trainer.train_dataset["input_ids"])) / len(trainer.train_dataset)
-    metrics = dict(
-        trainable_parameters=trainable,
-        trainable_fraction=round(trainable / total, 6),
-        mean_loss=round(mean_logged_loss(trainer.state.log_history), 4),  # the whole run; evaluate.json has train_loss
-        final_loss=round(history[-1], 4),
-        steps=trainer.state.global_step,
-        epochs=round(trainer.state.epoch, 3),
-        seconds=round(seconds, 1),  # wall time of training in this process, evaluations included
-        tokens_per_second=round(tokens_per_second, 1),  # non-padding, evaluations excluded
-        mfu=cost.mfu(trainer.model.config, mean_tokens, trainable, tokens_per_second, high * world.num_processes),
-        peak_memory_mb=cost.peak_memory_mb(),  # this process: peak RSS on CPU, the most allocated on CUDA
-        stopped_early=state.global_step < planned,
-        stopped_at_step=state.global_step,
-        best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
-        resumed_from_step=step_of(resume) if resume else 0,
-        attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
-        threads=low if low == high else f"{low}-{high}",  # CPU threads: the fair share of the cores (qlora.cores)
-    )
+    metrics, history = train_metrics(trainer, throughput, seconds, resume, trainable, total, p)
     write_json(Path(p.paths.metrics) / "train.json", metrics)
     done(f"{metrics['steps']} steps in {seconds:.0f} s ({throughput.training_seconds:.0f} s of them training), "
          f"loss {history[0]:.3f} -> {history[-1]:.3f}, {metrics['tokens_per_second']} tokens/s"

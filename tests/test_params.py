@@ -83,3 +83,31 @@ def test_hub_source_requires_a_pinned_revision(params_file):
     set_params(params_file, {"base.source": "hub", "base.revision": None})
     with pytest.raises(ParamsError, match="base.revision must be a pinned commit hash"):
         parse_params(params_file)
+
+
+def test_scheduler_and_optimizer_choices_are_transformers_own():
+    # Spelled out in qlora/params.py so that the light stages need not import torch; this keeps
+    # them equal to the installed transformers' enums.
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from qlora.params import OPTIMIZERS, SCHEDULERS
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType}
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lora.use_dora", "yes", "lora.use_dora must be true or false, got 'yes'"),
+    ("lora.init", "xavier", "lora.init must be one of kaiming, gaussian, pissa, olora, loftq, eva, got 'xavier'"),
+    ("lora.modules_to_save", "lm_head", "lora.modules_to_save must be a list of module names (may be empty)"),
+    ("train.max_steps", 0, "train.max_steps must be -1 or a positive integer, got 0"),
+    ("evaluate.max_new_tokens", "many", "evaluate.max_new_tokens must be auto or a positive integer, got 'many'"),
+    ("data.max_per_label", 0, "data.max_per_label must be a positive integer or null, got 0"),
+    ("train.lr_scheduler", "cosine_wiggle", "train.lr_scheduler must be one of linear, cosine"),
+])
+def test_new_and_union_keys_name_key_and_value(params_file, key, value, message):
+    set_params(params_file, {key: value})
+    with pytest.raises(ParamsError) as err:
+        parse_params(params_file)
+    assert message in str(err.value)

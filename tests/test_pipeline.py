@@ -53,6 +53,8 @@ def test_stage_skip_matrix(tiny_project):
     cases = [
         ({"lora.r": 4}, {"train", "evaluate", "export"}),
         ({"train.learning_rate": learning_rate / 2}, {"train", "evaluate", "export"}),
+        ({"lora.use_dora": True}, {"train", "evaluate", "export"}),
+        ({"lora.init": "gaussian"}, {"train", "evaluate", "export"}),
         ({"quantize.quant_type": "fp4"}, {"quantize", "train", "evaluate_base", "evaluate", "export"}),
         ({"tokenize.max_length": shorter}, {"tokenize", "train", "evaluate_base", "evaluate", "export"}),
         ({"tokenize.template": "plain"}, {"tokenize", "train", "evaluate_base", "evaluate", "export"}),
