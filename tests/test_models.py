@@ -216,3 +216,15 @@ def test_the_shipped_templates_pass_the_mask_audit(tokenizer):
     rows[0]["labels"][0] = rows[0]["input_ids"][0]  # a label on the first prompt token
     with pytest.raises(SystemExit, match="labels of 1 examples cover part of their prompt"):
         labelled_share(rows)
+
+
+def test_a_base_model_without_a_chat_template_exports_a_gguf_without_one(qwen2_project):
+    p = qwen2_project[0]
+    export = json.loads((p / "metrics/export.json").read_text())
+    assert export["gguf_chat_template"] is False
+    from stages.export import gguf_metadata
+
+    assert gguf_metadata(p / "models/export/model.q8_0.gguf")["chat_template"] is None
+    modelfile = (p / "models/export/Modelfile").read_text()
+    template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
+    assert template.endswith("{{ .Prompt }}\n"), "the plain format: prompt, new line, answer"
