@@ -164,8 +164,9 @@ def gguf_metadata(path):
         return bytes(field.parts[field.data[0]]).decode() if field else None
 
     types = sorted({t.tensor_type.name for t in reader.tensors})
+    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
     return dict(architecture=text("general.architecture"), chat_template=text("tokenizer.chat_template"),
-                tensor_types=types)
+                tensor_types=types, add_bos_token=bool(add_bos.parts[add_bos.data[0]][0]) if add_bos else False)
 
 
 def load_gguf(path):
@@ -200,7 +201,7 @@ def check_gguf(path, p, reference, examples, test, metrics, predictions, tokeniz
 MARK = "PROMPT-MARK-5c1e"
 
 
-def modelfile(gguf_name, tokenizer, p):
+def modelfile(gguf_name, tokenizer, p, add_bos_token):
     """An Ollama Modelfile: the GGUF, the prompt format the adapter was trained with (system prompt
     included) as a TEMPLATE around {{ .Prompt }}, its stop tokens, and greedy decoding as evaluated."""
     from stages.tokenize import Format
@@ -208,8 +209,8 @@ def modelfile(gguf_name, tokenizer, p):
     fmt_info = load_format(p.paths.tokenized)
     fmt = Format(tokenizer, fmt_info["template"], p.tokenize.system_prompt)
     _, prompt_ids, _ = fmt.encode([dict(role="user", content=MARK)], "x")
-    if prompt_ids and prompt_ids[0] == tokenizer.bos_token_id:
-        prompt_ids = prompt_ids[1:]  # the runtime adds the BOS token itself, as the GGUF says
+    if add_bos_token and prompt_ids and prompt_ids[0] == tokenizer.bos_token_id:
+        prompt_ids = prompt_ids[1:]  # the runtime adds it itself, as the GGUF's add_bos_token says
     text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
     if text.count(MARK) != 1 or '"""' in text:
         raise SystemExit("export: cannot write the Modelfile's TEMPLATE from this prompt format")
@@ -323,7 +324,7 @@ def main():
             del model
             gguf = write_gguf(out, p.export.gguf)
             check.update(check_gguf(gguf, p, reference, examples, test, metrics, predictions, tokenizer))
-            (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p))
+            (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, gguf_metadata(gguf)["add_bos_token"]))
     write_json(metrics_dir / "export.json", dict(check, disk_mb=round(size / 2**20, 1)))
     done(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
          f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
