@@ -148,8 +148,9 @@ def write_gguf(folder, kind):
                              "--outfile", str(out)], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(tool)))
     if result.returncode:
-        raise SystemExit(f"export: llama.cpp's converter could not write {out.name} (export.gguf {kind}); nothing "
-                         f"was exported; its last lines:\n" + "\n".join(result.stderr.strip().splitlines()[-8:]))
+        raise SystemExit(f"export: llama.cpp's converter could not write {out.name} (export.gguf {kind}), so nothing "
+                         f"was exported. export.gguf: none exports the merged model without a GGUF file. The "
+                         f"converter's last lines:\n" + "\n".join(result.stderr.strip().splitlines()[-8:]))
     return out
 
 

@@ -111,3 +111,36 @@ def test_export_gguf_none_writes_no_gguf(tiny_project):
     assert not (tiny_project / "models/export/Modelfile").exists()
     assert "gguf_file" not in json.loads((tiny_project / "metrics/export.json").read_text())
 
+
+@pytest.fixture(scope="module")
+def base_model_project(tmp_path_factory, tiny_model_dir):
+    """A base model: the tiny Llama with a tokenizer that has no chat template."""
+    import shutil
+
+    from conftest import TINY_OVERRIDES, make_project
+
+    model = tmp_path_factory.mktemp("base-model") / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    project = make_project(tmp_path_factory.mktemp("base-model") / "project",
+                           {**TINY_OVERRIDES, "base.source": "local", "base.path": str(model)})
+    repro(project)
+    return project
+
+
+def test_a_base_model_without_a_chat_template_exports_a_gguf_without_one(base_model_project):
+    from stages.export import gguf_metadata
+
+    p = base_model_project
+    assert json.loads((p / "metrics/tokenize.json").read_text())["template"] == "plain"
+    export = json.loads((p / "metrics/export.json").read_text())
+    assert export["gguf_chat_template"] is False
+    assert abs(export["gguf_test_loss"] - export["adapter_test_loss"]) <= 0.05
+    assert gguf_metadata(p / "models/export/model.q8_0.gguf")["chat_template"] is None
+    modelfile = (p / "models/export/Modelfile").read_text()
+    template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
+    assert template == "You sort Debian packages.\n\n{{ .Prompt }}\n", "the plain format: system, prompt, new line"
+

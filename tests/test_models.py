@@ -23,7 +23,10 @@ ALL = {"validate", "base", "prepare", "tokenize", "quantize", "train", "evaluate
 @pytest.fixture(scope="module")
 def qwen2_project(tmp_path_factory, tiny_qwen2_gguf):
     project = make_project(tmp_path_factory.mktemp("qwen2") / "project",
-                           {**TINY_OVERRIDES, "base.source": "gguf", "base.path": str(tiny_qwen2_gguf)})
+                           {**TINY_OVERRIDES, "base.source": "gguf", "base.path": str(tiny_qwen2_gguf),
+                            # its tokenizer (SmolLM2's vocabulary read as Qwen2's) is one llama.cpp's converter
+                            # does not know; tests/test_gguf.py exports a base model without a chat template
+                            "export.gguf": "none"})
     return project, repro(project)
 
 
@@ -31,7 +34,8 @@ def qwen2_project(tmp_path_factory, tiny_qwen2_gguf):
 def gemma3_project(tmp_path_factory, tiny_gemma3_dir):
     project = make_project(tmp_path_factory.mktemp("gemma3") / "project",
                            {**TINY_OVERRIDES, "base.source": "local", "base.path": str(tiny_gemma3_dir),
-                            "lora.target_modules": "all-linear"})
+                            "lora.target_modules": "all-linear",
+                            "export.gguf": "none"})  # llama.cpp converts Gemma 3 from its tokenizer.model, absent here
     return project, repro(project)
 
 
@@ -217,14 +221,3 @@ def test_the_shipped_templates_pass_the_mask_audit(tokenizer):
     with pytest.raises(SystemExit, match="labels of 1 examples cover part of their prompt"):
         labelled_share(rows)
 
-
-def test_a_base_model_without_a_chat_template_exports_a_gguf_without_one(qwen2_project):
-    p = qwen2_project[0]
-    export = json.loads((p / "metrics/export.json").read_text())
-    assert export["gguf_chat_template"] is False
-    from stages.export import gguf_metadata
-
-    assert gguf_metadata(p / "models/export/model.q8_0.gguf")["chat_template"] is None
-    modelfile = (p / "models/export/Modelfile").read_text()
-    template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
-    assert template.endswith("{{ .Prompt }}\n"), "the plain format: prompt, new line, answer"
