@@ -172,21 +172,31 @@ def open_study(config, folder=FOLDER):
 
     folder.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(folder / f"{config['study']}.jsonl")))
-    sampler = optuna.samplers.TPESampler(seed=config["seed"], n_startup_trials=config["startup_trials"])
+    # Seeded by the trials so far as well: a resumed search draws on, rather than repeating its first draws.
+    done = len(storage.get_all_trials(storage.get_study_id_from_name(config["study"]))) \
+        if config["study"] in [s.study_name for s in storage.get_all_studies()] else 0
+    sampler = optuna.samplers.TPESampler(seed=config["seed"] + done, n_startup_trials=config["startup_trials"])
     return optuna.create_study(study_name=config["study"], storage=storage, sampler=sampler,
                                direction=config["direction"], load_if_exists=True)
 
 
 def experiment_names():
-    out = subprocess.run(["dvc", "exp", "ls", "--name-only"], capture_output=True, text=True)
-    return set(out.stdout.split())
+    """Every experiment's name, whatever commit it was run on."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True, text=True)
+    return {r.rsplit("/", 1)[-1] for r in refs.stdout.split()}
 
 
 def experiment_metrics(name):
-    from qlora.report import experiment_rows
-
-    rows = [r for r in experiment_rows(names=[name]) if r["name"] == name]
-    return rows[0]["metrics"] if rows else {}
+    """The metrics files of experiment `name`, read from its git ref: found whatever commit it was run
+    on (the branch may have moved on while the search ran)."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True, text=True)
+    ref = next((r for r in refs.stdout.split() if r.rsplit("/", 1)[-1] == name), None)
+    metrics = {}
+    for file in (EVALUATE, TRAIN):
+        shown = subprocess.run(["git", "show", f"{ref}:{file}"], capture_output=True, text=True) if ref else None
+        if shown and shown.returncode == 0:
+            metrics[file] = json.loads(shown.stdout)
+    return metrics
 
 
 def recover(study):
@@ -234,7 +244,7 @@ def run_trial(study, config):
     name = f"{config['study']}-{trial.number}"
     trial.set_user_attr("experiment", name)
     trial.set_user_attr("objective", config["objective"])
-    print(f"tune: trial {trial.number + 1} of {config['trials']}, {name}: "
+    print(f"tune: trial {trial.number} ({len(finished(study))} of {config['trials']} finished so far), {name}: "
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()), flush=True)
     cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(values), "evaluate"]
     result = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)

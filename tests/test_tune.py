@@ -83,7 +83,7 @@ def test_each_trial_is_an_experiment_and_a_killed_search_resumes(tiny_project):
     out = []
     for text in proc.stdout:
         out.append(text)
-        if text.startswith("tune: trial 2 of 2"):
+        if text.startswith("tune: trial 1 (1 of 2 finished so far)"):
             time.sleep(3)
             os.killpg(proc.pid, signal.SIGKILL)
             break
