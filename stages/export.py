@@ -181,7 +181,8 @@ def load_gguf(path):
 
 def check_gguf(path, p, reference, examples, test, metrics, predictions, tokenizer):
     """The GGUF against the quantized base + adapter: logits on the check examples, and test loss, answers
-    and task metric on the whole test split. Keys prefixed gguf_; raises when they are out of tolerance."""
+    and task metric on the whole test split. Returns those figures (keys prefixed gguf_) and the file's
+    metadata; raises when they are out of tolerance."""
     model, gguf_tokenizer = load_gguf(path)
     meta = gguf_metadata(path)
     if gguf_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -196,7 +197,7 @@ def check_gguf(path, p, reference, examples, test, metrics, predictions, tokeniz
         raise SystemExit(f"export: {path.name} carries {'no' if meta['chat_template'] is None else 'another'} chat "
                          f"template than the tokenizer's; nothing was exported")
     hold_to_tolerance(check, primary, p.export, what=f"the GGUF file {path.name}", prefix="gguf_")
-    return check
+    return check, meta
 
 
 MARK = "PROMPT-MARK-5c1e"
@@ -324,8 +325,9 @@ def main():
         if p.export.gguf != "none":
             del model
             gguf = write_gguf(out, p.export.gguf)
-            check.update(check_gguf(gguf, p, reference, examples, test, metrics, predictions, tokenizer))
-            (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, gguf_metadata(gguf)["add_bos_token"]))
+            gguf_check, meta = check_gguf(gguf, p, reference, examples, test, metrics, predictions, tokenizer)
+            check.update(gguf_check)
+            (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, meta["add_bos_token"]))
     write_json(metrics_dir / "export.json", dict(check, disk_mb=round(size / 2**20, 1)))
     done(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
          f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
