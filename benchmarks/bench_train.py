@@ -1,6 +1,7 @@
 """Our train stage against `trl sft`, like for like, on the same model, data and hyperparameters.
 
     python benchmarks/bench_train.py [--steps 20] [--reps 2] [-S key=value ...]
+    python benchmarks/bench_train.py --base DIR -S paths.quantized=DIR --pack 2048   # another model, packed
 
 Needs a reproduced project (`make repro`): it reads models/base, models/quantized,
 models/tokenizer, data/prepared and data/tokenized, and writes only under a temporary
@@ -17,7 +18,8 @@ Figures per run:
   (ours: the Trainer's `include_num_input_tokens_seen: non_padding`; trl sft: SFTTrainer's
   `num_tokens`, the ones of each batch's attention mask; the trl CLI cannot set the former);
   ours leaves its val-loss pass out, trl sft has no eval set here;
-- peak memory: the process's maximum RSS on CPU (its own wait4 rusage);
+- peak memory: the process's maximum RSS on CPU (its own wait4 rusage); on a GPU the most memory
+  torch allocated there, printed at exit by the same hook in both tools (benchmarks/peak_hook);
 - final train loss (the last step's), so that speed is never bought with a broken loss;
 - MFU: F = 4N + 12·L·d·T + 6·P_lora FLOPs per token times tokens/s over the bf16 matmul peak
   of this machine (qlora/cost.py).
@@ -60,6 +62,19 @@ def run_measured(cmd, cwd, env, log):
     return text, wall, usage.ru_maxrss / 1024
 
 
+HOOK = Path(__file__).resolve().parent / "peak_hook"  # prints the peak GPU memory at exit
+
+
+def child_env(**extra):
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(HOOK), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                **extra)
+
+
+def peak_cuda_mb(text):
+    found = re.findall(r"qlora-peak-cuda-mb: ([\d.]+)", text)
+    return max(map(float, found)) if found else None
+
+
 def last_value(text, key):
     found = re.findall(rf"'{key}': '?([-\d.e+]+)'?", text)
     return float(found[-1]) if found else None
@@ -72,14 +87,14 @@ def ours(scratch, steps, overrides):
     work.mkdir(parents=True)
     write_params(work, [f"train.max_steps={steps}", "train.logging_steps=1", f"train.eval_steps={10 * steps}",
                         *overrides])
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out, wall, rss = run_measured([sys.executable, "-m", "stages.train"], work, env, scratch / "ours.log")
+    out, wall, rss = run_measured([sys.executable, "-m", "stages.train"], work, child_env(), scratch / "ours.log")
     train = json.loads((work / "metrics/train.json").read_text())
     live = work / "metrics/live/plots/metrics"
     tokens = float((live / "train/num_input_tokens_seen.tsv").read_text().splitlines()[-1].split("\t")[1])
     runtime = tokens / train["tokens_per_second"]  # the stage's own training seconds, evaluations excluded
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / train["steps"],
-                final_loss=train["final_loss"], wall=wall, rss_mb=rss, steps=train["steps"])
+                final_loss=train["final_loss"], wall=wall, rss_mb=rss, steps=train["steps"],
+                gpu_peak_mb=peak_cuda_mb(out), trainable_parameters=train["trainable_parameters"])
 
 
 def trl_data(scratch, system_prompt):
@@ -105,39 +120,49 @@ def mean_tokens():
     return pd.read_parquet(ROOT / "data/tokenized/train.parquet")["input_ids"].map(len).mean()
 
 
-def trl(scratch, steps, params, data):
+def trl(scratch, steps, params, data, base, pack):
     work = scratch / "trl"
     shutil.rmtree(work, ignore_errors=True)
     lo, t, q = params["lora"], params["train"], params["quantize"]
-    model = scratch / "trl-model"  # models/base with its tokenizer beside it, as a hub folder has
+    cuda = cuda_available()
+    model = scratch / "trl-model"  # the base weights with the tokenizer beside them, as a hub folder has
     if not model.exists():
         model.mkdir()
-        for folder in (params["paths"]["base"], params["paths"]["tokenizer"]):
-            for f in (ROOT / folder).iterdir():
-                (model / f.name).symlink_to(f)
+        for folder in (base, ROOT / params["paths"]["tokenizer"]):
+            for f in Path(folder).iterdir():
+                if not (model / f.name).exists():
+                    (model / f.name).symlink_to(f)
+    batch = ["--per_device_train_batch_size", "1", "--packing", "True"] if pack else \
+        ["--per_device_train_batch_size", str(t["batch_size"])]
     cmd = [shutil.which("trl") or str(Path(sys.executable).parent / "trl"), "sft",
            "--model_name_or_path", str(model), "--dataset_name", str(data),
            "--output_dir", str(work), "--max_steps", str(steps), "--logging_steps", "1",
-           "--per_device_train_batch_size", str(t["batch_size"]),
-           "--gradient_accumulation_steps", str(t["gradient_accumulation_steps"]),
+           *batch, "--gradient_accumulation_steps", str(t["gradient_accumulation_steps"]),
            "--learning_rate", str(t["learning_rate"]), "--lr_scheduler_type", t["lr_scheduler"],
            "--warmup_steps", str(t["warmup_ratio"]), "--optim", t["optimizer"], "--seed", str(t["seed"]),
-           "--max_length", str(params["tokenize"]["max_length"]),
+           "--max_length", str(pack or params["tokenize"]["max_length"]),
            "--use_peft", "--lora_r", str(lo["r"]), "--lora_alpha", str(lo["alpha"]),
            "--lora_dropout", str(lo["dropout"]), "--lora_target_modules", *lo["target_modules"],
            "--load_in_4bit", "--bnb_4bit_quant_type", q["quant_type"],
            *(["--use_bnb_nested_quant"] if q["double_quant"] else []), "--dtype", q["compute_dtype"],
            "--bf16", str(q["compute_dtype"] == "bfloat16"),
            "--save_strategy", "no", "--report_to", "none",
-           "--use_cpu", "True"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+           # on a GPU both use sdpa attention (ours: attn_implementation auto); on CPU trl keeps its default
+           *(["--attn_implementation", "sdpa"] if cuda else ["--use_cpu", "True"])]
+    env = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out, wall, rss = run_measured(cmd, ROOT, env, scratch / "trl.log")
     runtime = last_value(out, "train_runtime")
     tokens = last_value(out, "num_tokens")  # SFTTrainer's own count: the attention mask's ones, no padding
     losses = re.findall(r"'loss': '?([-\d.e+]+)'?", out)
     shutil.rmtree(work, ignore_errors=True)
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
-                final_loss=float(losses[-1]), wall=wall, rss_mb=rss, steps=steps)
+                final_loss=float(losses[-1]), wall=wall, rss_mb=rss, steps=steps, gpu_peak_mb=peak_cuda_mb(out))
+
+
+def cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main():
@@ -147,11 +172,21 @@ def main():
     parser.add_argument("-S", dest="overrides", action="append", default=[],
                         help="key=value for our run only, as dvc exp run -S (to measure one lever)")
     parser.add_argument("--name", default="train-vs-trl", help="the results file: benchmarks/results/NAME.json")
+    parser.add_argument("--base", help="another base model folder (bf16 weights and config) for trl sft and the "
+                        "FLOP count; give ours its quantize-stage output with -S paths.quantized=DIR")
+    parser.add_argument("--pack", type=int, default=0, metavar="TOKENS",
+                        help="packed rows of this many tokens: trl sft --packing --max_length TOKENS with one row per "
+                             "batch; ours train.padding_free with as many examples per batch as fill TOKENS on average")
     args = parser.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for needed in ("models/base", "models/quantized", "data/tokenized", "data/prepared", "metrics/train.json"):
+    for needed in ("data/tokenized", "data/prepared", *(() if args.base else ("models/base", "models/quantized"))):
         if not (ROOT / needed).exists():
             raise SystemExit(f"{needed} is missing: run `make repro` (or `dvc pull`) first")
+    base = Path(args.base or ROOT / params["paths"]["base"]).resolve()
+    overrides = list(args.overrides)
+    if args.pack:
+        per_batch = max(1, round(args.pack / mean_tokens()))
+        overrides += ["train.padding_free=true", f"train.batch_size={per_batch}"]
 
     from transformers import AutoConfig
 
@@ -163,29 +198,36 @@ def main():
         scratch = Path(tmp)
         data = trl_data(scratch, params["tokenize"]["system_prompt"])
         for rep in range(args.reps):
-            for name, fn in (("ours", lambda: ours(scratch, args.steps, args.overrides)),
-                             ("trl sft", lambda: trl(scratch, args.steps, params, data))):
+            for name, fn in (("ours", lambda: ours(scratch, args.steps, overrides)),
+                             ("trl sft", lambda: trl(scratch, args.steps, params, data, base, args.pack))):
                 r = fn()
-                results[name].append({k: round(v, 4) for k, v in r.items()})
+                results[name].append({k: v if v is None else round(v, 4) for k, v in r.items()})
+                gpu = f"  GPU {r['gpu_peak_mb']:6.0f} MB" if r["gpu_peak_mb"] is not None else ""
                 print(f"rep {rep + 1} {name:8s} {r['tokens_per_second']:7.1f} tokens/s  {r['tokens']:7.0f} tokens  "
-                      f"{r['rss_mb']:6.0f} MB  loss {r['final_loss']:.4f}  wall {r['wall']:.0f} s", flush=True)
+                      f"{r['rss_mb']:6.0f} MB{gpu}  loss {r['final_loss']:.4f}  wall {r['wall']:.0f} s", flush=True)
 
     import torch
 
-    config = AutoConfig.from_pretrained(ROOT / params["paths"]["base"])
-    lora = json.loads((ROOT / "metrics/train.json").read_text())["trainable_parameters"]
+    config = AutoConfig.from_pretrained(base)
+    lora = results["ours"][0].pop("trainable_parameters")  # the same adapter in both tools
+    for r in results["ours"][1:]:
+        r.pop("trainable_parameters")
     flops = cost.flops_per_token(config, mean_tokens(), lora)
     peak = cost.peak(torch.get_num_threads())
     tools = {}
     for name, runs in results.items():
-        med = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+        med = {k: None if runs[0][k] is None else round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
         tools[name] = dict(runs=runs, **med, mfu=round(med["tokens_per_second"] * flops / peak, 4))
     o, t = tools["ours"], tools["trl sft"]
     result = dict(
-        steps=args.steps, reps=args.reps, overrides=args.overrides, tools=tools,
+        steps=args.steps, reps=args.reps, overrides=overrides, pack=args.pack, tools=tools,
+        model=dict(base=base.name, layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                   vocab_size=config.vocab_size, model_type=config.model_type),
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         speed_ratio=round(o["tokens_per_second"] / t["tokens_per_second"], 3),
         wall_ratio=round(t["wall"] / o["wall"], 3),
         memory_ratio=round(o["rss_mb"] / t["rss_mb"], 3),
+        gpu_memory_ratio=round(o["gpu_peak_mb"] / t["gpu_peak_mb"], 3) if o["gpu_peak_mb"] and t["gpu_peak_mb"] else None,
         loss_difference_pct=round(100 * abs(o["final_loss"] - t["final_loss"]) / t["final_loss"], 2),
         tokens_ratio=round(o["tokens"] / t["tokens"], 4),  # the same examples: the two counts should agree
         flops_per_token=round(flops), peak_flops=round(peak), threads=torch.get_num_threads(),

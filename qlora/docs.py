@@ -270,24 +270,52 @@ def parallel():
 
 
 def train_vs_trl(name="train-vs-trl"):
-    """Our train stage against `trl sft`, like for like (benchmarks/bench_train.py)."""
+    """Our train stage against `trl sft`, like for like (benchmarks/bench_train.py), on CPU or a GPU."""
     def make():
         r = read(name, "benchmarks/results")
-        lines = ["| | non-padding tokens/s | tokens counted | peak RSS (MB) | whole process (s) | final train loss | MFU |",
+        gpu = r.get("device", "cpu") != "cpu"
+        memory = "peak GPU memory (MB)" if gpu else "peak RSS (MB)"
+        lines = [f"| | non-padding tokens/s | tokens counted | {memory} | whole process (s) | final train loss | MFU |",
                  "|---|---|---|---|---|---|---|"]
         for tool, m in r["tools"].items():
-            lines.append(f"| {tool} | {m['tokens_per_second']} | {m['tokens']:.0f} | {m['rss_mb']:.0f} | {m['wall']:.0f} | "
-                         f"{m['final_loss']} | {pct(m['mfu'])} |")
+            lines.append(f"| {tool} | {m['tokens_per_second']} | {m['tokens']:.0f} | "
+                         f"{m['gpu_peak_mb' if gpu else 'rss_mb']:.0f} | {m['wall']:.0f} | {m['final_loss']} | "
+                         f"{pct(m['mfu'])} |")
         lines.append(f"| **ours / trl sft** | **{times(r['speed_ratio'])}** | {times(r['tokens_ratio'])} | "
-                     f"{times(r['memory_ratio'])} | {times(1 / r['wall_ratio'])} | {r['loss_difference_pct']}% apart | |")
-        lines += ["", f"{r['steps']} optimizer steps per run, medians of {r['reps']} alternating runs of each; "
+                     f"{times(r['gpu_memory_ratio' if gpu else 'memory_ratio'])} | {times(1 / r['wall_ratio'])} | "
+                     f"{r['loss_difference_pct']}% apart | |")
+        model = r.get("model", {})
+        shape = (f"{model['base']} ({model['layers']} layers, hidden {model['hidden_size']}, vocabulary "
+                 f"{model['vocab_size']}); " if gpu and model else "")
+        packed = f"packed rows of {r['pack']} tokens; " if r.get("pack") else ""
+        where = (f"{r['device']}, MFU over its measured bf16 matmul peak of {r['peak_flops'] / 1e12:.0f} TFLOP/s"
+                 if gpu else f"{r['threads']} threads; MFU over a measured bf16 matmul peak of "
+                             f"{r['peak_flops'] / 1e9:.0f} GFLOP/s")
+        lines += ["", f"{shape}{packed}{r['steps']} optimizer steps per run, "
+                      f"{'medians of ' + str(r['reps']) + ' alternating runs' if r['reps'] > 1 else 'one run'} of each; "
                       f"overrides of ours: {' '.join(f'`{o}`' for o in r['overrides']) or 'none'}; "
-                      f"{r['threads']} threads; MFU over a measured bf16 matmul peak of "
-                      f"{r['peak_flops'] / 1e9:.0f} GFLOP/s at {r['flops_per_token'] / 1e6:.0f} MFLOP per token; "
+                      f"{where} at {r['flops_per_token'] / 1e6:.0f} MFLOP per token; "
                       f"{r['machine']}, {r['date']}."]
         return "\n".join(lines)
 
     return make
+
+
+def gpu_pipeline():
+    """The default pipeline's stages run on a GPU (benchmarks/gpu.sh, benchmarks/gpu_results.py)."""
+    r = read("gpu-default-pipeline", "benchmarks/results")
+    d, t, e = r["device"], r["train"], r["evaluate"]
+    lines = ["| stage | " + " | ".join(r["stages"]) + " |", "|---|" + "---|" * len(r["stages"]),
+             "| seconds | " + " | ".join(str(s["seconds"]) for s in r["stages"].values()) + " |",
+             "| exit code | " + " | ".join(str(s["exit_code"]) for s in r["stages"].values()) + " |"]
+    lines += ["", f"Train: {t['steps']} steps, {t['tokens_per_second']} tokens/s, MFU {pct(t['mfu'], 2)}, peak GPU "
+                  f"memory {t['peak_memory_mb']} MB, attention {t['attention']}. Evaluate: val loss {e['val_loss']}, "
+                  f"test loss {e['test_loss']} [{e['test_loss_ci_low']}, {e['test_loss_ci_high']}], test accuracy "
+                  f"{e['test_accuracy']} [{e['test_accuracy_ci_low']}, {e['test_accuracy_ci_high']}] (base "
+                  f"{e['base_test_accuracy']}). {d['gpu']}, driver {d['driver']}, torch {d['torch']}, "
+                  f"transformers {d['transformers']}, trl {d['trl']}, bitsandbytes {d['bitsandbytes']}; "
+                  f"{r['commit']}, {r['date']}."]
+    return "\n".join(lines)
 
 
 def scale():
@@ -421,6 +449,9 @@ BLOCKS = {
     "parallel": parallel,
     "scale": scale,
     "train-vs-trl": train_vs_trl(),
+    "gpu-pipeline": gpu_pipeline,
+    "gpu-train-vs-trl": train_vs_trl("gpu-train-vs-trl"),
+    "gpu-llama3-8b": train_vs_trl("gpu-llama3-8b-vs-trl"),
 }
 
 

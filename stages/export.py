@@ -65,11 +65,14 @@ def dequantized(path):
 
 
 def logits(model, examples):
+    """Each example's logits in float32 on the CPU: the model as trained runs where it was loaded (the
+    GPU, when there is one) and the merged float32 copy on the CPU, and they are compared there."""
     import torch
 
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in examples]
+        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in examples]
 
 
 def compare(outputs, references):
