@@ -126,9 +126,19 @@ class FastDropout(torch.nn.Module):
         import numpy as np
 
         seed = int(torch.randint(2**62, ()))  # from torch's generator: transformers' set_seed fixes it
-        draws = np.random.default_rng(seed).random(x.numel(), dtype=np.float32)
-        keep = torch.from_numpy(draws >= self.p).view(x.shape)
-        mask = torch.where(keep, torch.tensor(1 / (1 - self.p), dtype=x.dtype), torch.tensor(0, dtype=x.dtype))
+        rng = np.random.default_rng(seed)
+        scale = torch.tensor(1 / (1 - self.p), dtype=x.dtype)
+        if x.dtype == torch.bfloat16:
+            # 16 random bits per input, kept when at or above round(p * 2^16) (a keep rate within
+            # 2^-17 of 1 - p), and the mask written directly as bfloat16 bit patterns (the scale
+            # or zero): half the random bytes of float draws and no select pass, about 2x faster.
+            bits = rng.integers(0, 1 << 16, x.numel(), dtype=np.uint16)
+            pattern = np.uint16(scale.view(torch.int16).item() & 0xFFFF)
+            keep = bits >= np.uint16(round(self.p * (1 << 16)))
+            mask = torch.from_numpy(keep.astype(np.uint16) * pattern).view(torch.bfloat16).view(x.shape)
+        else:
+            keep = torch.from_numpy(rng.random(x.numel(), dtype=np.float32) >= self.p).view(x.shape)
+            mask = torch.where(keep, scale, torch.tensor(0, dtype=x.dtype))
         return _MaskMul.apply(x, mask)
 
     def extra_repr(self):
