@@ -124,7 +124,9 @@ def trl(scratch, steps, params, data, base, pack):
     work = scratch / "trl"
     shutil.rmtree(work, ignore_errors=True)
     lo, t, q = params["lora"], params["train"], params["quantize"]
-    cuda = cuda_available()
+    from qlora.models import device
+
+    cuda = device() == "cuda"
     model = scratch / "trl-model"  # the base weights with the tokenizer beside them, as a hub folder has
     if not model.exists():
         model.mkdir()
@@ -157,12 +159,6 @@ def trl(scratch, steps, params, data, base, pack):
     shutil.rmtree(work, ignore_errors=True)
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
                 final_loss=float(losses[-1]), wall=wall, rss_mb=rss, steps=steps, gpu_peak_mb=peak_cuda_mb(out))
-
-
-def cuda_available():
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main():
@@ -209,9 +205,8 @@ def main():
     import torch
 
     config = AutoConfig.from_pretrained(base)
-    lora = results["ours"][0].pop("trainable_parameters")  # the same adapter in both tools
-    for r in results["ours"][1:]:
-        r.pop("trainable_parameters")
+    for r in results["ours"]:  # the same adapter in every run and in both tools
+        lora = r.pop("trainable_parameters")
     flops = cost.flops_per_token(config, mean_tokens(), lora)
     peak = cost.peak(torch.get_num_threads())
     tools = {}
