@@ -179,6 +179,35 @@ def test_fast_lora_dropout_is_dropout():
         share = (FastDropout(p).train()(torch.ones(4_000_000, dtype=torch.bfloat16)) != 0).float().mean().item()
         assert abs(share - (1 - p)) < 0.001, (p, share)  # the standard error is at most 0.00025
 
+    # Under gradient checkpointing the recompute gets the first pass's mask back, unpacked, not
+    # drawn again: the same gradient as without checkpointing, from one draw.
+    import numpy as np
+
+    linear = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
+    x0 = torch.randn(8, 30, 64, dtype=torch.bfloat16)
+    draws = []
+    sfc64 = np.random.SFC64
+
+    def counted(seed):
+        draws.append(seed)
+        return sfc64(seed)
+
+    def input_grad(checkpointed, monkeypatch_draws):
+        drop, x = FastDropout(0.1).train(), x0.clone().requires_grad_()
+        torch.manual_seed(5)
+        f = lambda t: linear(drop(t))  # noqa: E731
+        with monkeypatch_draws:
+            y = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False) if checkpointed else f(x)
+            y.float().square().sum().backward()
+        return x.grad
+
+    from unittest import mock
+    plain = input_grad(False, mock.patch.object(np.random, "SFC64", counted))
+    assert len(draws) == 1
+    checkpointed = input_grad(True, mock.patch.object(np.random, "SFC64", counted))
+    assert len(draws) == 2, "the recompute unpacked the kept mask instead of drawing it again"
+    assert torch.equal(checkpointed, plain)
+
     model = get_peft_model(family_model("llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     assert fast_lora_dropout(model) == 2 * model.config.num_hidden_layers
     assert not any(type(m) is torch.nn.Dropout for m in model.modules() if m is not model)
