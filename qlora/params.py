@@ -227,8 +227,7 @@ class Train:
     weight_decay: NonNegative
     max_grad_norm: PositiveNumber
     gradient_checkpointing: Bool
-    gradient_checkpointing_every: either(Annotated[int, Field(strict=True, gt=0)], Literal["auto"],
-                                         what="auto or a positive integer")
+    gradient_checkpointing_every: PositiveInt
     attn_implementation: choice(*ATTN_IMPLEMENTATIONS)
     group_by_length: Bool
     padding_free: Bool
