@@ -30,7 +30,8 @@ from pathlib import Path
 from qlora.checkpoints import fingerprint, live_snapshot_callback, newest_complete, restore_live, step_of
 from qlora import cores, cost
 from qlora.console import done, note, progress, quiet_known_noise
-from qlora.models import device, fast_lora_dropout, load_model, module_names, score_labelled_positions_only
+from qlora.models import (device, fast_lora_dropout, head_grads_upcast_in_slices, load_model, module_names,
+                          score_labelled_positions_only)
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
 from qlora.splits import load_split
@@ -341,6 +342,7 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     bf16 = model.config.dtype == torch.bfloat16
     fp16 = model.config.dtype == torch.float16 and torch.cuda.is_available()  # no fp16 autocast on CPU
     score_labelled_positions_only()
+    head_grads_upcast_in_slices()
     trainer = SFTTrainer(
         model=model,
         args=sft_config(p.train, str(output_dir), bf16, fp16, resuming=resuming),

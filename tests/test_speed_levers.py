@@ -2,6 +2,8 @@
 
 - TRL's fused LM head scoring only the labelled positions on CPU (score_labelled_positions_only)
   gives the same loss and LoRA gradients as scoring every position.
+- Its backward sums the hidden states' gradient in float32 with the head's weight upcast a slice
+  at a time on CPU (head_grads_upcast_in_slices), as TRL sums it.
 - `train.attn_implementation: auto` picks eager attention for short examples on CPU and sdpa for
   long ones; both give the same loss.
 - Every stage's model runs its 4-bit layers through the training path (the CPU trap fix is on).
@@ -90,6 +92,42 @@ def test_scoring_only_labelled_positions_keeps_loss_and_gradients(tiny_lora_mode
     for name, grad in every_grads.items():
         assert grad.norm() > 0, name
         torch.testing.assert_close(labelled_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_head_grads_upcast_in_slices_sum_in_float32(tiny_lora_model, batch, monkeypatch):
+    """The LM head's hidden-state gradient, upcast a slice of the vocabulary at a time on CPU, is
+    TRL's float32 sum (not a bf16-rounded one), and the fused head's backward goes through it."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+    from peft import get_peft_model
+
+    from qlora.models import ADDMM_ROWS, head_grads_upcast_in_slices
+
+    shipped = kernel._addmm_fp32
+    while getattr(shipped, "in_slices", False):  # TRL's own, also when a trainer was built in-process
+        shipped = shipped.__closure__[0].cell_contents
+    monkeypatch.setattr(kernel, "_addmm_fp32", shipped)
+    assert head_grads_upcast_in_slices() and head_grads_upcast_in_slices()  # a second call does not wrap again
+    sliced = kernel._addmm_fp32
+    assert sliced.in_slices and sliced.__closure__[0].cell_contents is shipped
+
+    torch.manual_seed(0)
+    a = torch.randn(16, 5 * ADDMM_ROWS + 7, dtype=torch.bfloat16)  # tokens x vocabulary, a ragged last slice
+    b = torch.randn(a.shape[1], 64, dtype=torch.bfloat16)  # vocabulary x hidden
+    exact = a.double() @ b.double()
+    for fn in (shipped, sliced):
+        acc = torch.ones(16, 64)  # accumulated into, not overwritten
+        fn(acc, a, b)
+        torch.testing.assert_close(acc.double(), exact + 1, rtol=1e-5, atol=1e-3)
+    with pytest.raises(AssertionError):  # the tolerance tells a bf16-rounded product apart
+        torch.testing.assert_close((a @ b).double() + 1, exact + 1, rtol=1e-5, atol=1e-3)
+
+    calls = []
+    monkeypatch.setattr(kernel, "_addmm_fp32", lambda acc, a, b: calls.append(a.shape) or sliced(acc, a, b))
+    model, config = tiny_lora_model
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs",))
+    fused_loss_and_grads(get_peft_model(model, config), batch)
+    assert calls and all(shape[1] <= 32768 for shape in calls)  # TRL's vocabulary chunks, sliced inside
 
 
 def test_auto_attention_is_eager_for_short_examples_on_cpu(tmp_path):
