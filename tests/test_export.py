@@ -15,11 +15,14 @@ from conftest import repro, run, set_params
 # reference computes in bf16 (quantize.compute_dtype), so most of the difference is its own
 # rounding: the same model in float32, unmerged, is already that far from it (the noise
 # floor: `float32_max_abs_logit_diff`, `float32_argmax_agreement`), and the float32 merge
-# itself is exact to ~1e-4. Tolerance: the bf16 export stays within 1.5x that floor's logit
-# difference and loses at most 2 points of next-token agreement below the floor's. Measured
-# on the tiny model, whose near-uniform logits make ties common: 0.484 vs a floor of 0.332,
-# agreement 0.946 vs 0.944 for the floor.
-NOISE_FLOOR_FACTOR = 1.5
+# itself is exact to ~1e-4. Tolerance: the bf16 export stays within 2x that floor's logit
+# difference and loses at most 2 points of next-token agreement below the floor's. The 2x is
+# the triangle inequality: |export - reference| <= |export - float32| + |float32 - reference|,
+# two bf16 roundings of the same model, each about the floor. Measured on the tiny model, whose
+# near-uniform logits make ties common: 0.484 vs a floor of 0.332 (1.46x), and 0.516 vs 0.343
+# (1.51x) for an adapter trained with other dropout masks; agreement 0.946 vs 0.944 for the
+# floor. A wrong merge is caught by `merge_max_abs_diff` itself.
+NOISE_FLOOR_FACTOR = 2.0
 AGREEMENT_BELOW_FLOOR = 0.02
 
 
