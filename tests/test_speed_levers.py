@@ -219,6 +219,8 @@ def test_fast_lora_dropout_is_dropout():
 
     # Under gradient checkpointing the recompute gets the first pass's mask back, unpacked, not
     # drawn again: the same gradient as without checkpointing, from one draw.
+    from unittest import mock
+
     import numpy as np
 
     linear = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
@@ -230,19 +232,18 @@ def test_fast_lora_dropout_is_dropout():
         draws.append(seed)
         return sfc64(seed)
 
-    def input_grad(checkpointed, monkeypatch_draws):
+    def input_grad(checkpointed):
         drop, x = FastDropout(0.1).train(), x0.clone().requires_grad_()
         torch.manual_seed(5)
         f = lambda t: linear(drop(t))  # noqa: E731
-        with monkeypatch_draws:
+        with mock.patch.object(np.random, "SFC64", counted):
             y = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False) if checkpointed else f(x)
             y.float().square().sum().backward()
         return x.grad
 
-    from unittest import mock
-    plain = input_grad(False, mock.patch.object(np.random, "SFC64", counted))
+    plain = input_grad(False)
     assert len(draws) == 1
-    checkpointed = input_grad(True, mock.patch.object(np.random, "SFC64", counted))
+    checkpointed = input_grad(True)
     assert len(draws) == 2, "the recompute unpacked the kept mask instead of drawing it again"
     assert torch.equal(checkpointed, plain)
 
