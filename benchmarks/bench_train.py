@@ -11,7 +11,10 @@ Like for like: `trl sft` gets the prepared train split as conversational prompt-
 rows with the same system turn our tokenize stage adds (`tokenize.system_prompt`), so both
 render the same chat template over the same tokens; the same 4-bit quantization, LoRA,
 batch, learning rate and schedule, seed (so the same shuffled order of the same examples),
-maximum length and gradient checkpointing; completion-only loss in both.
+maximum length; completion-only loss in both. Each tool checkpoints activations as it does by
+default: trl sft every layer; ours `train.gradient_checkpointing_every: auto`, every 2nd layer on
+CPU. Where the two differ, a third run, ours with checkpointing every layer as trl sft, gives the
+ratios at the same recompute too (`same_checkpointing` in the results).
 
 Figures per run:
 - non-padding tokens per second of the training steps, each tool counting its own tokens
@@ -161,6 +164,24 @@ def trl(scratch, steps, params, data, base, pack):
                 final_loss=float(losses[-1]), wall=wall, rss_mb=rss, steps=steps, gpu_peak_mb=peak_cuda_mb(out))
 
 
+EVERY_LAYER = "ours, checkpointing every layer"  # the same recompute as trl sft
+
+
+def checkpoints_fewer_layers(params, overrides):
+    """Whether our run, as configured, checkpoints fewer layers than trl sft (every layer): then the benchmark
+    measures ours at every layer too."""
+    from types import SimpleNamespace
+
+    from stages.train import checkpointing_every
+
+    t = dict(params["train"])
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.startswith("train.gradient_checkpointing"):
+            t[key.split(".")[1]] = yaml.safe_load(value)
+    return bool(t["gradient_checkpointing"]) and checkpointing_every(SimpleNamespace(**t)) != 1
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
@@ -189,13 +210,16 @@ def main():
     from qlora import cost
     from qlora.outputs import provenance
 
-    results = {"ours": [], "trl sft": []}
+    runs = {"ours": lambda: ours(scratch, args.steps, overrides)}
+    if checkpoints_fewer_layers(params, overrides):
+        runs[EVERY_LAYER] = lambda: ours(scratch, args.steps, [*overrides, "train.gradient_checkpointing_every=1"])
+    runs["trl sft"] = lambda: trl(scratch, args.steps, params, data, base, args.pack)
+    results = {name: [] for name in runs}
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         scratch = Path(tmp)
         data = trl_data(scratch, params["tokenize"]["system_prompt"])
         for rep in range(args.reps):
-            for name, fn in (("ours", lambda: ours(scratch, args.steps, overrides)),
-                             ("trl sft", lambda: trl(scratch, args.steps, params, data, base, args.pack))):
+            for name, fn in runs.items():
                 r = fn()
                 results[name].append({k: v if v is None else round(v, 4) for k, v in r.items()})
                 gpu = f"  GPU {r['gpu_peak_mb']:6.0f} MB" if r["gpu_peak_mb"] is not None else ""
@@ -205,7 +229,7 @@ def main():
     import torch
 
     config = AutoConfig.from_pretrained(base)
-    for r in results["ours"]:  # the same adapter in every run and in both tools
+    for r in results["ours"] + results.get(EVERY_LAYER, []):  # the same adapter in every run and in both tools
         lora = r.pop("trainable_parameters")
     flops = cost.flops_per_token(config, mean_tokens(), lora)
     peak = cost.peak(torch.get_num_threads())
@@ -225,13 +249,16 @@ def main():
         gpu_memory_ratio=round(o["gpu_peak_mb"] / t["gpu_peak_mb"], 3) if o["gpu_peak_mb"] and t["gpu_peak_mb"] else None,
         loss_difference_pct=round(100 * abs(o["final_loss"] - t["final_loss"]) / t["final_loss"], 2),
         tokens_ratio=round(o["tokens"] / t["tokens"], 4),  # the same examples: the two counts should agree
+        same_checkpointing=dict(speed_ratio=round(tools[EVERY_LAYER]["tokens_per_second"] / t["tokens_per_second"], 3),
+                                memory_ratio=round(tools[EVERY_LAYER]["rss_mb"] / t["rss_mb"], 3))
+        if EVERY_LAYER in tools else None,
         flops_per_token=round(flops), peak_flops=round(peak), threads=torch.get_num_threads(),
         **provenance(),
     )
     out = ROOT / "benchmarks/results" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k.endswith("ratio") or k.endswith("pct")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k.endswith(("ratio", "pct", "checkpointing"))}, indent=2))
 
 
 if __name__ == "__main__":

@@ -284,6 +284,10 @@ def train_vs_trl(name="train-vs-trl"):
         lines.append(f"| **ours / trl sft** | **{times(r['speed_ratio'])}** | {times(r['tokens_ratio'])} | "
                      f"{times(r['gpu_memory_ratio' if gpu else 'memory_ratio'])} | {times(1 / r['wall_ratio'])} | "
                      f"{r['loss_difference_pct']}% apart | |")
+        if r.get("same_checkpointing"):  # ours at trl sft's recompute (every layer), where our default differs
+            same = r["same_checkpointing"]
+            lines.append(f"| ours, checkpointing every layer / trl sft | {times(same['speed_ratio'])} | | "
+                         f"{times(same['memory_ratio'])} | | | |")
         model = r.get("model", {})
         shape = (f"{model['base']} ({model['layers']} layers, hidden {model['hidden_size']}, vocabulary "
                  f"{model['vocab_size']}); " if gpu and model else "")

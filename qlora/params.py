@@ -227,7 +227,8 @@ class Train:
     weight_decay: NonNegative
     max_grad_norm: PositiveNumber
     gradient_checkpointing: Bool
-    gradient_checkpointing_every: PositiveInt
+    gradient_checkpointing_every: either(Annotated[int, Field(strict=True, gt=0)], Literal["auto"],
+                                         what="auto or a positive integer")
     attn_implementation: choice(*ATTN_IMPLEMENTATIONS)
     group_by_length: Bool
     padding_free: Bool

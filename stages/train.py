@@ -115,6 +115,15 @@ def attention(t, train_set):
     return "eager" if device() == "cpu" and longest <= EAGER_UP_TO else "sdpa"
 
 
+def checkpointing_every(t):
+    """train.gradient_checkpointing_every, with `auto` resolved: every layer on a GPU, where memory is what
+    limits the model, the batch and the length; every 2nd on CPU, where the recompute costs more time and
+    RAM is seldom short (what each costs and saves on the default: docs/levers.md)."""
+    if t.gradient_checkpointing_every != "auto":
+        return t.gradient_checkpointing_every
+    return 2 if device() == "cpu" else 1
+
+
 def save_steps(t):
     """Steps between checkpoints. With early stopping the best adapter must be the one of the best
     evaluation, and the Trainer keeps it only if a checkpoint was taken there: one at every
@@ -143,7 +152,7 @@ def sft_config(t, output_dir, bf16, fp16, resuming=False):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"every_n_layers": t.gradient_checkpointing_every},
+        activation_checkpointing_kwargs={"every_n_layers": checkpointing_every(t)},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         padding_free=t.padding_free,
         logging_steps=t.logging_steps,
@@ -499,6 +508,7 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
         best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
         resumed_from_step=step_of(resume) if resume else 0,
         attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
+        checkpointing_every=checkpointing_every(p.train) if p.train.gradient_checkpointing else 0,  # 0: off
         threads=low if low == high else f"{low}-{high}",  # CPU threads: the fair share of the cores (qlora.cores)
     ), history
 

@@ -43,6 +43,7 @@ OVERRIDES = [
     ("paths.raw=data/raw/other.jsonl", "paths.raw", "data/raw/other.jsonl"),
     ("evaluate.max_new_tokens=32", "evaluate.max_new_tokens", 32),
     ("evaluate.max_new_tokens=auto", "evaluate.max_new_tokens", "auto"),
+    ("train.gradient_checkpointing_every=2", "train.gradient_checkpointing_every", 2),
     ("evaluate.task=generation", "evaluate.task", "generation"),
     ("export.metric_tolerance=0.05", "export.metric_tolerance", 0.05),  # the last key of the file
     ("data.labels=[x]", "data.labels", ["x"]),

@@ -144,6 +144,21 @@ def test_auto_attention_is_eager_for_short_examples_on_cpu(tmp_path):
     assert pick("eager", 2000) == "eager"
 
 
+def test_auto_checkpointing_every_recomputes_every_2nd_layer_on_cpu_only(monkeypatch):
+    from types import SimpleNamespace
+
+    import stages.train
+    from stages.train import checkpointing_every
+
+    def every(setting, where):
+        monkeypatch.setattr(stages.train, "device", lambda: where)
+        return checkpointing_every(SimpleNamespace(gradient_checkpointing_every=setting))
+
+    assert every("auto", "cpu") == 2
+    assert every("auto", "cuda") == 1
+    assert every(1, "cpu") == 1 and every(3, "cuda") == 3
+
+
 def test_eager_and_sdpa_attention_give_the_same_loss(tiny_lora_model, batch):
     model, _ = tiny_lora_model
     batch = dict(batch, attention_mask=batch["attention_mask"].clone())
