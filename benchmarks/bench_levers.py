@@ -49,7 +49,7 @@ def main():
         for rep in range(args.reps):
             for name, overrides in VARIANTS.items():
                 r = ours(Path(tmp), args.steps, overrides)
-                runs[name].append({k: round(v, 4) for k, v in r.items()})
+                runs[name].append({k: v if v is None else round(v, 4) for k, v in r.items()})
                 print(f"round {rep + 1} {name:32s} {r['tokens_per_second']:6.1f} tokens/s  {r['rss_mb']:6.0f} MB  "
                       f"loss {r['final_loss']:.4f}", flush=True)
     variants = {}
