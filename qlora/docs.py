@@ -278,7 +278,7 @@ def train_vs_trl(name="train-vs-trl"):
         lines = [f"| | non-padding tokens/s | tokens counted | {memory} | whole process (s) | final train loss | MFU |",
                  "|---|---|---|---|---|---|---|"]
         for tool, m in r["tools"].items():
-            lines.append(f"| {tool} | {m['tokens_per_second']} | {m['tokens']:.0f} | "
+            lines.append(f"| {tool} | {m['tokens_per_second']:.1f} | {m['tokens']:.0f} | "
                          f"{m['gpu_peak_mb' if gpu else 'rss_mb']:.0f} | {m['wall']:.0f} | {m['final_loss']} | "
                          f"{pct(m['mfu'])} |")
         lines.append(f"| **ours / trl sft** | **{times(r['speed_ratio'])}** | {times(r['tokens_ratio'])} | "
