@@ -210,14 +210,14 @@ def main():
     from qlora import cost
     from qlora.outputs import provenance
 
-    runs = {"ours": lambda: ours(scratch, args.steps, overrides)}
-    if checkpoints_fewer_layers(params, overrides):
-        runs[EVERY_LAYER] = lambda: ours(scratch, args.steps, [*overrides, "train.gradient_checkpointing_every=1"])
-    runs["trl sft"] = lambda: trl(scratch, args.steps, params, data, base, args.pack)
-    results = {name: [] for name in runs}
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         scratch = Path(tmp)
         data = trl_data(scratch, params["tokenize"]["system_prompt"])
+        runs = {"ours": lambda: ours(scratch, args.steps, overrides)}
+        if checkpoints_fewer_layers(params, overrides):
+            runs[EVERY_LAYER] = lambda: ours(scratch, args.steps, [*overrides, "train.gradient_checkpointing_every=1"])
+        runs["trl sft"] = lambda: trl(scratch, args.steps, params, data, base, args.pack)
+        results = {name: [] for name in runs}
         for rep in range(args.reps):
             for name, fn in runs.items():
                 r = fn()
