@@ -167,19 +167,15 @@ def trl(scratch, steps, params, data, base, pack):
 EVERY_LAYER = "ours, checkpointing every layer"  # the same recompute as trl sft
 
 
-def checkpoints_fewer_layers(params, overrides):
+def checkpoints_fewer_layers(overrides):
     """Whether our run, as configured, checkpoints fewer layers than trl sft (every layer): then the benchmark
     measures ours at every layer too."""
-    from types import SimpleNamespace
-
+    from qlora.params import parse_params
     from stages.train import checkpointing_every
 
-    t = dict(params["train"])
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key.startswith("train.gradient_checkpointing"):
-            t[key.split(".")[1]] = yaml.safe_load(value)
-    return bool(t["gradient_checkpointing"]) and checkpointing_every(SimpleNamespace(**t)) != 1
+    with tempfile.TemporaryDirectory() as tmp:  # params.yaml with the overrides, read as the stage reads it
+        t = parse_params(write_params(Path(tmp), overrides)).train
+    return t.gradient_checkpointing and checkpointing_every(t) != 1
 
 
 def main():
@@ -214,7 +210,7 @@ def main():
         scratch = Path(tmp)
         data = trl_data(scratch, params["tokenize"]["system_prompt"])
         runs = {"ours": lambda: ours(scratch, args.steps, overrides)}
-        if checkpoints_fewer_layers(params, overrides):
+        if checkpoints_fewer_layers(overrides):
             runs[EVERY_LAYER] = lambda: ours(scratch, args.steps, [*overrides, "train.gradient_checkpointing_every=1"])
         runs["trl sft"] = lambda: trl(scratch, args.steps, params, data, base, args.pack)
         results = {name: [] for name in runs}
