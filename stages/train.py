@@ -30,6 +30,7 @@ from pathlib import Path
 from qlora.checkpoints import fingerprint, live_snapshot_callback, newest_complete, restore_live, step_of
 from qlora import cores, cost
 from qlora.console import done, note, progress, quiet_known_noise
+from qlora.lean import keep_less_for_backward
 from qlora.models import (device, fast_lora_dropout, head_grads_upcast_in_slices, load_model, module_names,
                           score_labelled_positions_only)
 from qlora.outputs import atomic_dir, log, write_json
@@ -363,6 +364,7 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     )
     initialise_lora(trainer, p)
     fast_lora_dropout(trainer.model)  # the same dropout, its masks drawn faster on CPU
+    keep_less_for_backward(trainer.model)  # the same gradients from RMSNorm and SwiGLU, less memory on CPU
     trainer.remove_callback(ProgressCallback)  # it prints every log as a dict; progress_callback reads better
     trainer.add_callback(progress_callback())  # last, as the stock one: it shows the tokens/s added before it
     return trainer

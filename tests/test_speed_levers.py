@@ -265,3 +265,39 @@ def test_fast_lora_dropout_is_dropout():
     model = get_peft_model(family_model("llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     assert fast_lora_dropout(model) == 2 * model.config.num_hidden_layers
     assert not any(type(m) is torch.nn.Dropout for m in model.modules() if m is not model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_that_keep_less_give_the_same_loss_and_gradients_bit_for_bit(family, batch):
+    """RMSNorm and the SwiGLU MLP swapped for ones keeping bf16 inputs (qlora/lean.py) give the same
+    loss and LoRA gradients: to the last bit in bf16, as trained; to float32 rounding in float32.
+    Gemma 3 (1 + weight norms, a GELU MLP) keeps its own layers."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.lean import keep_less_for_backward
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    for dtype in (torch.bfloat16, torch.float32):
+        model = get_peft_model(family_model(family).to(dtype), config)
+        model.train()
+
+        def loss_and_grads():
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        loss, grads = loss_and_grads()
+        swapped = keep_less_for_backward(model)
+        assert swapped == (0 if family.startswith("gemma3") else 2 * 2 + 1 + 2)  # 2 norms a layer, the last, 2 MLPs
+        lean_loss, lean_grads = loss_and_grads()
+        assert torch.equal(lean_loss, loss)
+        assert grads.keys() == lean_grads.keys() and len(grads) == 2 * 4 * 2
+        for name, grad in grads.items():
+            assert grad.norm() > 0, name
+            if dtype == torch.bfloat16:
+                assert torch.equal(lean_grads[name], grad), name
+            else:  # float32 norms: autograd adds the residual's gradient in another order
+                torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-6)

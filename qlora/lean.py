@@ -1,0 +1,93 @@
+"""Layers that keep less for the backward pass, with the same arithmetic.
+
+What a training step holds at its peak is mostly what each layer not checkpointed keeps for its
+backward pass (with `train.gradient_checkpointing_every: 2`, half of them). Two of the model's own
+layers keep more than their backward needs, as autograd records them op by op:
+- RMSNorm keeps its input upcast to float32: on the default batch (8 x 89 tokens, 576 wide) a
+  1.6 MB copy per norm, twice the bytes of the bfloat16 input it came from;
+- the SwiGLU MLP keeps the gate, the up projection and the SiLU of the gate (2.1 MB each, 1536
+  wide), though the gate gives the SiLU again for one elementwise op.
+Here each is one autograd function that keeps its bfloat16 inputs and replays, in its backward,
+the same torch ops in the same order as autograd's own backward: the gradients are equal bit for
+bit in bfloat16 (tests/test_speed_levers.py). A module is swapped only when its forward is the
+Llama one word for word (Llama, Qwen2, Qwen3, Mistral, SmolLM3, ...) and, for the MLP, its
+activation is SiLU; any other family keeps its own layers. CPU only: on a GPU it is untested.
+"""
+
+import inspect
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight * (x / rms(x)) in float32, cast back: LlamaRMSNorm's forward; keeps x, not float32 x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, r = ctx.saved_tensors
+        xf = x.float()
+        gh = (gy * weight).float()  # back through weight * h.to(dtype)
+        grad_r = (gh * xf).sum(-1, keepdim=True)  # h = xf * r, both ways
+        grad_var = -0.5 * grad_r * r.pow(3)  # r = rsqrt(var + eps)
+        dx = gh * r + (grad_var.expand(x.shape) / x.shape[-1]) * (2 * xf)  # var = mean(xf ** 2)
+        gw = None
+        if ctx.needs_input_grad[1]:  # a frozen norm (LoRA) needs none
+            gw = (gy * (xf * r).to(x.dtype)).sum(tuple(range(x.dim() - 1))).to(weight.dtype)
+        return dx.to(x.dtype), gw, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up; keeps gate and up, and recomputes silu(gate) in the backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, gy):
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(gy * up, gate), gy * F.silu(gate)
+
+
+def _rms_norm(self, x):
+    return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+
+
+def _swiglu_mlp(self, x):
+    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def keep_less_for_backward(model):
+    """Swap the forward of each Llama-style RMSNorm and SwiGLU MLP of `model` on CPU; returns how many."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    if next(model.parameters()).device.type != "cpu":
+        return 0
+    norm, mlp = inspect.getsource(LlamaRMSNorm.forward), inspect.getsource(LlamaMLP.forward)
+    sources, swapped = {}, 0
+    for module in model.modules():
+        kind = type(module)
+        if kind not in sources:
+            try:
+                sources[kind] = inspect.getsource(kind.forward)
+            except (OSError, TypeError):
+                sources[kind] = None
+        source = sources[kind]
+        if source == norm and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm, module)
+            swapped += 1
+        elif source == mlp and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)):
+            module.forward = types.MethodType(_swiglu_mlp, module)
+            swapped += 1
+    return swapped
