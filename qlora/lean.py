@@ -11,14 +11,22 @@ Here each is one autograd function that keeps its bfloat16 inputs and replays, i
 the same torch ops in the same order as autograd's own backward: the gradients are equal bit for
 bit in bfloat16 (tests/test_speed_levers.py). A module is swapped only when its forward is the
 Llama one word for word (Llama, Qwen2, Qwen3, Mistral, SmolLM3, ...) and, for the MLP, its
-activation is SiLU; any other family keeps its own layers. CPU only: on a GPU it is untested.
+activation is SiLU; any other family keeps its own layers.
+
+Eager attention keeps its softmax twice, in float32 and cast to bf16 (3.3 MB a layer here, growing
+with the square of the length). In layers not checkpointed, the family's own eager attention runs
+under torch's checkpoint: it keeps q, k and v and recomputes the two small matmuls and the softmax
+in the backward, the same ops, so the same bits. All of it on CPU only: on a GPU it is untested.
 """
 
 import inspect
+import sys
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -67,6 +75,38 @@ def _swiglu_mlp(self, x):
     return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+_LAYER_OF = weakref.WeakKeyDictionary()  # attention module -> weakref to the decoder layer holding it
+
+
+def _recomputing(eager):
+    """The family's eager attention, its core recomputed in the backward of layers not checkpointed."""
+
+    def attention(module, *args, **kwargs):
+        layer = _LAYER_OF.get(module)
+        layer = layer() if layer is not None else None
+        if (layer is not None and module.training and torch.is_grad_enabled()
+                and not getattr(layer, "gradient_checkpointing", False)):  # a checkpointed layer recomputes it all
+            return torch.utils.checkpoint.checkpoint(eager, module, *args, use_reentrant=False, **kwargs)
+        return eager(module, *args, **kwargs)
+
+    attention.recomputes = eager
+    return attention
+
+
+def _recompute_attention(layer):
+    """Route `layer.self_attn` through its family's eager attention wrapped by `_recomputing`; False where
+    the family has no module-level eager_attention_forward (then nothing changes)."""
+    attn = getattr(layer, "self_attn", None)
+    family = sys.modules.get(type(attn).__module__)
+    eager = getattr(family, "eager_attention_forward", None)
+    if attn is None or eager is None:
+        return False
+    if not hasattr(eager, "recomputes"):
+        family.eager_attention_forward = _recomputing(eager)
+    _LAYER_OF[attn] = weakref.ref(layer)
+    return True
+
+
 def keep_less_for_backward(model):
     """Swap the forward of each Llama-style RMSNorm and SwiGLU MLP of `model` on CPU; returns how many."""
     from transformers.activations import SiLUActivation
@@ -84,6 +124,8 @@ def keep_less_for_backward(model):
             except (OSError, TypeError):
                 sources[kind] = None
         source = sources[kind]
+        if kind.__name__.endswith("DecoderLayer") and _recompute_attention(module):
+            swapped += 1
         if source == norm and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rms_norm, module)
             swapped += 1

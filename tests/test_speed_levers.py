@@ -269,9 +269,10 @@ def test_fast_lora_dropout_is_dropout():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layers_that_keep_less_give_the_same_loss_and_gradients_bit_for_bit(family, batch):
-    """RMSNorm and the SwiGLU MLP swapped for ones keeping bf16 inputs (qlora/lean.py) give the same
-    loss and LoRA gradients: to the last bit in bf16, as trained; to float32 rounding in float32.
-    Gemma 3 (1 + weight norms, a GELU MLP) keeps its own layers."""
+    """RMSNorm and the SwiGLU MLP swapped for ones keeping bf16 inputs, and eager attention recomputing
+    its softmax in the backward (qlora/lean.py), give the same loss and LoRA gradients: to the last
+    bit in bf16, as trained; to float32 rounding in float32. And the forward keeps fewer bytes for
+    the backward. Gemma 3 (1 + weight norms, a GELU MLP) keeps its own norms and MLP."""
     from peft import LoraConfig, get_peft_model
 
     from qlora.lean import keep_less_for_backward
@@ -280,19 +281,30 @@ def test_layers_that_keep_less_give_the_same_loss_and_gradients_bit_for_bit(fami
                         target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
     for dtype in (torch.bfloat16, torch.float32):
         model = get_peft_model(family_model(family).to(dtype), config)
+        model.set_attn_implementation("eager")
         model.train()
 
         def loss_and_grads():
             model.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = model(**batch).loss
-            loss.backward()
-            return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            kept = {}
 
-        loss, grads = loss_and_grads()
+            def pack(t):
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss = model(**batch).loss
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            return loss.detach(), grads, sum(kept.values())
+
+        loss, grads, kept = loss_and_grads()
         swapped = keep_less_for_backward(model)
-        assert swapped == (0 if family.startswith("gemma3") else 2 * 2 + 1 + 2)  # 2 norms a layer, the last, 2 MLPs
-        lean_loss, lean_grads = loss_and_grads()
+        # per layer: 2 norms, the MLP, the attention; and the final norm
+        assert swapped == (2 if family.startswith("gemma3") else 2 * 4 + 1)
+        lean_loss, lean_grads, lean_kept = loss_and_grads()
+        assert lean_kept < kept - 2 * 3 * 4 * 40 * 40 * 4  # at least each layer's float32 softmax, 3 x 4 heads x 40^2
         assert torch.equal(lean_loss, loss)
         assert grads.keys() == lean_grads.keys() and len(grads) == 2 * 4 * 2
         for name, grad in grads.items():
