@@ -26,8 +26,8 @@ from qlora.outputs import provenance  # noqa: E402
 
 VARIANTS = {
     "default": [],
-    "gradient checkpointing off": ["train.gradient_checkpointing=false"],
-    "checkpointing every layer": ["train.gradient_checkpointing_every=1"],
+    "checkpointing every 2nd layer": ["train.gradient_checkpointing=true", "train.gradient_checkpointing_every=2"],
+    "checkpointing every layer": ["train.gradient_checkpointing=true", "train.gradient_checkpointing_every=1"],
     "sdpa attention": ["train.attn_implementation=sdpa"],
     "group by length": ["train.group_by_length=true"],
     "padding-free": ["train.padding_free=true"],

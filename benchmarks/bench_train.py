@@ -12,8 +12,8 @@ rows with the same system turn our tokenize stage adds (`tokenize.system_prompt`
 render the same chat template over the same tokens; the same 4-bit quantization, LoRA,
 batch, learning rate and schedule, seed (so the same shuffled order of the same examples),
 maximum length; completion-only loss in both. Each tool checkpoints activations as it does by
-default: trl sft every layer; ours `train.gradient_checkpointing_every: auto`, every 2nd layer on
-CPU. Where the two differ, a third run, ours with checkpointing every layer as trl sft, gives the
+default: trl sft every layer; ours `train.gradient_checkpointing: auto`, off on CPU. Where the
+two differ, a third run, ours with checkpointing every layer as trl sft, gives the
 ratios at the same recompute too (`same_checkpointing` in the results).
 
 Figures per run:
@@ -171,11 +171,11 @@ def checkpoints_fewer_layers(overrides):
     """Whether our run, as configured, checkpoints fewer layers than trl sft (every layer): then the benchmark
     measures ours at every layer too."""
     from qlora.params import parse_params
-    from stages.train import checkpointing_every
+    from stages.train import checkpointing, checkpointing_every
 
     with tempfile.TemporaryDirectory() as tmp:  # params.yaml with the overrides, read as the stage reads it
         t = parse_params(write_params(Path(tmp), overrides)).train
-    return t.gradient_checkpointing and checkpointing_every(t) != 1
+    return not checkpointing(t) or checkpointing_every(t) != 1
 
 
 def main():
@@ -211,7 +211,8 @@ def main():
         data = trl_data(scratch, params["tokenize"]["system_prompt"])
         runs = {"ours": lambda: ours(scratch, args.steps, overrides)}
         if checkpoints_fewer_layers(overrides):
-            runs[EVERY_LAYER] = lambda: ours(scratch, args.steps, [*overrides, "train.gradient_checkpointing_every=1"])
+            runs[EVERY_LAYER] = lambda: ours(scratch, args.steps, [*overrides, "train.gradient_checkpointing=true",
+                                                                "train.gradient_checkpointing_every=1"])
         runs["trl sft"] = lambda: trl(scratch, args.steps, params, data, base, args.pack)
         results = {name: [] for name in runs}
         for rep in range(args.reps):

@@ -1,7 +1,7 @@
 """Layers that keep less for the backward pass, with the same arithmetic.
 
 What a training step holds at its peak is mostly what each layer not checkpointed keeps for its
-backward pass (with `train.gradient_checkpointing_every: 2`, half of them). Two of the model's own
+backward pass (on CPU, with `train.gradient_checkpointing: auto`, every layer). Two of the model's own
 layers keep more than their backward needs, as autograd records them op by op:
 - RMSNorm keeps its input upcast to float32: on the default batch (8 x 89 tokens, 576 wide) a
   1.6 MB copy per norm, twice the bytes of the bfloat16 input it came from;
@@ -16,7 +16,13 @@ activation is SiLU; any other family keeps its own layers.
 Eager attention keeps its softmax twice, in float32 and cast to bf16 (3.3 MB a layer here, growing
 with the square of the length). In layers not checkpointed, the family's own eager attention runs
 under torch's checkpoint: it keeps q, k and v and recomputes the two small matmuls and the softmax
-in the backward, the same ops, so the same bits. All of it on CPU only: on a GPU it is untested.
+in the backward, the same ops, so the same bits.
+
+LoRA's dropout, peft's lora_B(lora_A(dropout(x))), keeps the dropout's mask and the dropped copy
+of x for each adapted projection, though q, k and v share one x: DroppedLinear folds the dropout
+into A and keeps x and the mask packed to one bit per input (the same masks, the same bits).
+
+All of it on CPU only: on a GPU it is untested.
 """
 
 import inspect
@@ -27,6 +33,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from qlora.models import FastDropout
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -75,6 +83,70 @@ def _swiglu_mlp(self, x):
     return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+class _DroppedLinear(torch.autograd.Function):
+    """(x * mask) @ weight.T, LoRA's A after its dropout; keeps x and the mask packed to one bit per
+    input, and recomputes x * mask in the backward, instead of keeping the mask and x * mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, dropout, packed):
+        ctx.save_for_backward(x, weight)
+        ctx.dropout, ctx.packed = dropout, packed
+        dropped = x * dropout.mask(packed, x)
+        return dropped.view(-1, x.shape[-1]).mm(weight.t()).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        mask = ctx.dropout.mask(ctx.packed, x)
+        gy = gy.reshape(-1, gy.shape[-1])
+        grad_x = gy.mm(weight).view(x.shape) * mask if ctx.needs_input_grad[0] else None
+        grad_w = gy.t().mm((x * mask).view(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, None
+
+
+class DroppedLinear(torch.nn.Linear):
+    """LoRA's A matrix with its dropout folded in (peft computes lora_B(lora_A(dropout(x)))).
+
+    A layer's q, k and v projections share their input, and each LoRA A kept its own dropped copy
+    of it plus its mask: here they keep the one input and a 1-bit mask each (0.8 MB and 0.05 MB a
+    module on the default batch, against 0.8 MB twice). The same FastDropout draws the same masks.
+    It holds the same weight Parameter, so the adapter's keys and the optimizer see no change."""
+
+    def __init__(self, linear, dropout):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.dropout = dropout
+
+    def forward(self, x):
+        weight = self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(torch.get_autocast_dtype(x.device.type))  # the cast autocast makes in F.linear
+        if (not self.training or self.dropout.p == 0 or x.device.type != "cpu" or self.bias is not None
+                or x.dtype != weight.dtype):
+            return super().forward(self.dropout(x))
+        with torch.autocast(x.device.type, enabled=False):
+            return _DroppedLinear.apply(x, weight, self.dropout, self.dropout.draw(x))
+
+
+def fold_lora_dropout(model):
+    """Fold each FastDropout of a plain LoRA adapter into its A matrix (DroppedLinear); returns how many.
+    Adapters with a variant (DoRA, ...) read the dropout apart and keep it."""
+    folded = 0
+    for module in model.modules():
+        dropouts, a = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict) or not isinstance(a, torch.nn.ModuleDict):
+            continue
+        for name, dropout in list(dropouts.items()):
+            if (isinstance(dropout, FastDropout) and name not in getattr(module, "lora_variant", {})
+                    and type(a[name]) is torch.nn.Linear):
+                a[name] = DroppedLinear(a[name], dropout)
+                dropouts[name] = torch.nn.Identity()
+                folded += 1
+    return folded
+
+
 _LAYER_OF = weakref.WeakKeyDictionary()  # attention module -> weakref to the decoder layer holding it
 
 
@@ -108,14 +180,16 @@ def _recompute_attention(layer):
 
 
 def keep_less_for_backward(model):
-    """Swap the forward of each Llama-style RMSNorm and SwiGLU MLP of `model` on CPU; returns how many."""
+    """On CPU: fold LoRA dropouts into their A matrices, swap the forward of each Llama-style RMSNorm and
+    SwiGLU MLP, and recompute eager attention's softmax in the backward; returns how many modules changed."""
     from transformers.activations import SiLUActivation
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
     if next(model.parameters()).device.type != "cpu":
         return 0
+    swapped = fold_lora_dropout(model)
     norm, mlp = inspect.getsource(LlamaRMSNorm.forward), inspect.getsource(LlamaMLP.forward)
-    sources, swapped = {}, 0
+    sources = {}
     for module in model.modules():
         kind = type(module)
         if kind not in sources:

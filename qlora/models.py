@@ -162,18 +162,26 @@ class FastDropout(torch.nn.Module):
             return x
         if x.device.type != "cpu":
             return torch.nn.functional.dropout(x, self.p, True)
+        return _MaskMul.apply(x, self.mask(self.draw(x), x))
+
+    def draw(self, x):
+        """The keep-mask for `x`, packed one bit per input: drawn, or the last one again for the same seed."""
         import numpy as np
 
         seed = int(torch.randint(2**62, ()))  # from torch's generator: transformers' set_seed fixes it
-        if self._last is not None and self._last[:2] == (seed, x.shape):
-            keep = np.unpackbits(self._last[2], count=x.numel()).view(bool)
-        else:
+        if self._last is None or self._last[:2] != (seed, x.shape):
             # 16 random bits per input (SFC64's raw 64-bit words, four inputs each: faster than any
             # bounded draw), kept when at or above round(p * 2^16): a keep rate within 2^-17 of 1 - p.
             n = x.numel()
             bits = np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
-            keep = bits >= np.uint16(round(self.p * (1 << 16)))
-            self._last = (seed, x.shape, np.packbits(keep))
+            self._last = (seed, x.shape, np.packbits(bits >= np.uint16(round(self.p * (1 << 16)))))
+        return self._last[2]
+
+    def mask(self, packed, x):
+        """The multiplier of `x` for the keep-mask `packed`: 1 / (1 - p) where kept, 0 elsewhere, in x's dtype."""
+        import numpy as np
+
+        keep = np.unpackbits(packed, count=x.numel()).view(bool)
         scale = torch.tensor(1 / (1 - self.p), dtype=x.dtype)
         if x.dtype == torch.bfloat16:
             # written directly as bfloat16 bit patterns (the scale or zero): no select pass
@@ -181,7 +189,7 @@ class FastDropout(torch.nn.Module):
             mask = torch.from_numpy(np.multiply(keep, pattern, dtype=np.uint16)).view(torch.bfloat16)
         else:
             mask = torch.where(torch.from_numpy(keep), scale, torch.tensor(0, dtype=x.dtype))
-        return _MaskMul.apply(x, mask.view(x.shape))
+        return mask.view(x.shape)
 
     def extra_repr(self):
         return f"p={self.p}"

@@ -226,7 +226,7 @@ class Train:
     optimizer: choice(*OPTIMIZERS)
     weight_decay: NonNegative
     max_grad_norm: PositiveNumber
-    gradient_checkpointing: Bool
+    gradient_checkpointing: either(Bool, Literal["auto"], what="auto, true or false")
     gradient_checkpointing_every: either(Annotated[int, Field(strict=True, gt=0)], Literal["auto"],
                                          what="auto or a positive integer")
     attn_implementation: choice(*ATTN_IMPLEMENTATIONS)

@@ -116,6 +116,16 @@ def attention(t, train_set):
     return "eager" if device() == "cpu" and longest <= EAGER_UP_TO else "sdpa"
 
 
+def checkpointing(t):
+    """train.gradient_checkpointing, with `auto` resolved: on a GPU, where memory is what limits the model, the
+    batch and the length; off on CPU, where the recompute costs the most time and the layers keep less for
+    their backward (qlora/lean.py): the default step without it peaks under `trl sft`'s with it
+    (benchmarks/README.md; what it costs and saves: docs/levers.md)."""
+    if t.gradient_checkpointing != "auto":
+        return t.gradient_checkpointing
+    return device() != "cpu"
+
+
 def checkpointing_every(t):
     """train.gradient_checkpointing_every, with `auto` resolved: every layer on a GPU, where memory is what
     limits the model, the batch and the length; every 2nd on CPU, where the recompute costs more time and
@@ -152,7 +162,7 @@ def sft_config(t, output_dir, bf16, fp16, resuming=False):
         optim=t.optimizer,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=checkpointing(t),
         activation_checkpointing_kwargs={"every_n_layers": checkpointing_every(t)},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         padding_free=t.padding_free,
@@ -464,7 +474,8 @@ def run(trainer, p, resume):
             f"train: out of memory ({str(err).splitlines()[0][:200]}). Levers, in params.yaml: lower "
             f"train.batch_size ({p.train.batch_size}) and raise train.gradient_accumulation_steps "
             f"({p.train.gradient_accumulation_steps}) to keep the effective batch; lower tokenize.max_length; "
-            f"set train.gradient_checkpointing: true ({p.train.gradient_checkpointing}); 4-bit "
+            f"set train.gradient_checkpointing: true ({p.train.gradient_checkpointing}, here "
+            f"{'on' if checkpointing(p.train) else 'off'}); 4-bit "
             f"quantize.bits. Checkpoints so far are kept: the rerun resumes.") from None
     if not any("loss" in h for h in trainer.state.log_history):
         raise SystemExit("train: no training step was logged; no adapter written. Check train.max_steps, "
@@ -510,7 +521,8 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
         best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
         resumed_from_step=step_of(resume) if resume else 0,
         attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
-        checkpointing_every=checkpointing_every(p.train) if p.train.gradient_checkpointing else 0,  # 0: off
+        checkpointing=checkpointing(p.train),  # train.gradient_checkpointing, auto resolved
+        checkpointing_every=checkpointing_every(p.train) if checkpointing(p.train) else 0,  # 0: off
         threads=low if low == high else f"{low}-{high}",  # CPU threads: the fair share of the cores (qlora.cores)
     ), history
 

@@ -103,6 +103,7 @@ def test_scheduler_and_optimizer_choices_are_transformers_own():
     ("lora.modules_to_save", "lm_head", "lora.modules_to_save must be a list of module names (may be empty)"),
     ("train.max_steps", 0, "train.max_steps must be -1 or a positive integer, got 0"),
     ("evaluate.max_new_tokens", "many", "evaluate.max_new_tokens must be auto or a positive integer, got 'many'"),
+    ("train.gradient_checkpointing", "yes", "train.gradient_checkpointing must be auto, true or false, got 'yes'"),
     ("train.gradient_checkpointing_every", 0,
      "train.gradient_checkpointing_every must be auto or a positive integer, got 0"),
     ("data.max_per_label", 0, "data.max_per_label must be a positive integer or null, got 0"),

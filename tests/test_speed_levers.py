@@ -144,16 +144,22 @@ def test_auto_attention_is_eager_for_short_examples_on_cpu(tmp_path):
     assert pick("eager", 2000) == "eager"
 
 
-def test_auto_checkpointing_every_recomputes_every_2nd_layer_on_cpu_only(monkeypatch):
+def test_auto_checkpointing_is_off_on_cpu_and_every_2nd_layer_there_when_on(monkeypatch):
     from types import SimpleNamespace
 
     import stages.train
-    from stages.train import checkpointing_every
+    from stages.train import checkpointing, checkpointing_every
+
+    def on(setting, where):
+        monkeypatch.setattr(stages.train, "device", lambda: where)
+        return checkpointing(SimpleNamespace(gradient_checkpointing=setting))
 
     def every(setting, where):
         monkeypatch.setattr(stages.train, "device", lambda: where)
         return checkpointing_every(SimpleNamespace(gradient_checkpointing_every=setting))
 
+    assert on("auto", "cpu") is False and on("auto", "cuda") is True
+    assert on(True, "cpu") is True and on(False, "cuda") is False
     assert every("auto", "cpu") == 2
     assert every("auto", "cuda") == 1
     assert every(1, "cpu") == 1 and every(3, "cuda") == 3
@@ -268,24 +274,33 @@ def test_fast_lora_dropout_is_dropout():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_layers_that_keep_less_give_the_same_loss_and_gradients_bit_for_bit(family, batch):
-    """RMSNorm and the SwiGLU MLP swapped for ones keeping bf16 inputs, and eager attention recomputing
-    its softmax in the backward (qlora/lean.py), give the same loss and LoRA gradients: to the last
+def test_layers_that_keep_less_give_the_same_loss_and_gradients_bit_for_bit(family, batch, monkeypatch):
+    """RMSNorm and the SwiGLU MLP swapped for ones keeping bf16 inputs, eager attention recomputing
+    its softmax in the backward, and LoRA's dropout folded into its A matrix (qlora/lean.py) give the same loss and LoRA gradients: to the last
     bit in bf16, as trained; to float32 rounding in float32. And the forward keeps fewer bytes for
     the backward. Gemma 3 (1 + weight norms, a GELU MLP) keeps its own norms and MLP."""
     from peft import LoraConfig, get_peft_model
 
-    from qlora.lean import keep_less_for_backward
+    import qlora.lean
+    from qlora.lean import DroppedLinear, keep_less_for_backward
+    from qlora.models import fast_lora_dropout
 
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+    folded = []
+    apply = qlora.lean._DroppedLinear.apply
+    monkeypatch.setattr(qlora.lean._DroppedLinear, "apply", lambda *a: folded.append(1) or apply(*a))
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
                         target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
     for dtype in (torch.bfloat16, torch.float32):
-        model = get_peft_model(family_model(family).to(dtype), config)
+        # the adapter in the model's dtype, as the train stage has it (SFTTrainer, no kbit upcast)
+        model = get_peft_model(family_model(family).to(dtype), config, autocast_adapter_dtype=False)
         model.set_attn_implementation("eager")
+        assert fast_lora_dropout(model) == 2 * 4
         model.train()
 
         def loss_and_grads():
             model.zero_grad()
+            torch.manual_seed(7)  # the same dropout masks
             kept = {}
 
             def pack(t):
@@ -301,10 +316,14 @@ def test_layers_that_keep_less_give_the_same_loss_and_gradients_bit_for_bit(fami
 
         loss, grads, kept = loss_and_grads()
         swapped = keep_less_for_backward(model)
-        # per layer: 2 norms, the MLP, the attention; and the final norm
-        assert swapped == (2 if family.startswith("gemma3") else 2 * 4 + 1)
+        # per layer: 4 LoRA dropouts folded, 2 norms, the MLP, the attention; and the final norm
+        assert swapped == 2 * 4 + (2 if family.startswith("gemma3") else 2 * 4 + 1)
         lean_loss, lean_grads, lean_kept = loss_and_grads()
+        assert len(folded) == 2 * 4  # each LoRA A of the forward took the folded path
+        folded.clear()
         assert lean_kept < kept - 2 * 3 * 4 * 40 * 40 * 4  # at least each layer's float32 softmax, 3 x 4 heads x 40^2
+        assert sum(isinstance(m, DroppedLinear) for m in model.modules()) == 2 * 4
+        assert all(k.endswith("lora_A.default.weight") or "lora_A" not in k for k in model.state_dict())
         assert torch.equal(lean_loss, loss)
         assert grads.keys() == lean_grads.keys() and len(grads) == 2 * 4 * 2
         for name, grad in grads.items():
