@@ -23,7 +23,9 @@ Figures per run:
   ours leaves its val-loss pass out, trl sft has no eval set here;
 - peak memory: the process's maximum RSS on CPU (its own wait4 rusage); on a GPU the most memory
   torch allocated there, printed at exit by the same hook in both tools (benchmarks/peak_hook);
-- final train loss (the last step's), so that speed is never bought with a broken loss;
+- final train loss (the last step's), so that speed is never bought with a broken loss, and the mean
+  over the last tenth of the steps (`tail_loss`): the last step is one batch, and the two tools'
+  dropout masks come from different random streams;
 - MFU: F = 4N + 12·L·d·T + 6·P_lora FLOPs per token times tokens/s over the bf16 matmul peak
   of this machine (qlora/cost.py).
 Writes `benchmarks/results/train-vs-trl.json` (every run, medians, ratios, machine, versions,
@@ -83,6 +85,13 @@ def last_value(text, key):
     return float(found[-1]) if found else None
 
 
+def tail(losses):
+    """The mean loss of the last tenth of the steps (at least one): the last step alone is one batch, and
+    the two tools' dropout masks come from different random streams."""
+    n = max(1, len(losses) // 10)
+    return sum(losses[-n:]) / n
+
+
 def ours(scratch, steps, overrides):
     """The train stage on a scratch copy of params, reading the project's outputs in place."""
     work = scratch / "ours"
@@ -95,8 +104,9 @@ def ours(scratch, steps, overrides):
     live = work / "metrics/live/plots/metrics"
     tokens = float((live / "train/num_input_tokens_seen.tsv").read_text().splitlines()[-1].split("\t")[1])
     runtime = tokens / train["tokens_per_second"]  # the stage's own training seconds, evaluations excluded
+    losses = [float(line.split("\t")[1]) for line in (live / "train/loss.tsv").read_text().splitlines()[1:]]
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / train["steps"],
-                final_loss=train["final_loss"], wall=wall, rss_mb=rss, steps=train["steps"],
+                final_loss=train["final_loss"], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=train["steps"],
                 gpu_peak_mb=peak_cuda_mb(out), trainable_parameters=train["trainable_parameters"])
 
 
@@ -158,10 +168,11 @@ def trl(scratch, steps, params, data, base, pack):
     out, wall, rss = run_measured(cmd, ROOT, env, scratch / "trl.log")
     runtime = last_value(out, "train_runtime")
     tokens = last_value(out, "num_tokens")  # SFTTrainer's own count: the attention mask's ones, no padding
-    losses = re.findall(r"'loss': '?([-\d.e+]+)'?", out)
+    losses = [float(v) for v in re.findall(r"'loss': '?([-\d.e+]+)'?", out)]
     shutil.rmtree(work, ignore_errors=True)
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
-                final_loss=float(losses[-1]), wall=wall, rss_mb=rss, steps=steps, gpu_peak_mb=peak_cuda_mb(out))
+                final_loss=losses[-1], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=steps,
+                gpu_peak_mb=peak_cuda_mb(out))
 
 
 EVERY_LAYER = "ours, checkpointing every layer"  # the same recompute as trl sft
@@ -221,7 +232,8 @@ def main():
                 results[name].append({k: v if v is None else round(v, 4) for k, v in r.items()})
                 gpu = f"  GPU {r['gpu_peak_mb']:6.0f} MB" if r["gpu_peak_mb"] is not None else ""
                 print(f"rep {rep + 1} {name:8s} {r['tokens_per_second']:7.1f} tokens/s  {r['tokens']:7.0f} tokens  "
-                      f"{r['rss_mb']:6.0f} MB{gpu}  loss {r['final_loss']:.4f}  wall {r['wall']:.0f} s", flush=True)
+                      f"{r['rss_mb']:6.0f} MB{gpu}  loss {r['final_loss']:.4f} (tail {r['tail_loss']:.4f})  "
+                      f"wall {r['wall']:.0f} s", flush=True)
 
     import torch
 
@@ -245,6 +257,7 @@ def main():
         memory_ratio=round(o["rss_mb"] / t["rss_mb"], 3),
         gpu_memory_ratio=round(o["gpu_peak_mb"] / t["gpu_peak_mb"], 3) if o["gpu_peak_mb"] and t["gpu_peak_mb"] else None,
         loss_difference_pct=round(100 * abs(o["final_loss"] - t["final_loss"]) / t["final_loss"], 2),
+        tail_loss_difference_pct=round(100 * abs(o["tail_loss"] - t["tail_loss"]) / t["tail_loss"], 2),
         tokens_ratio=round(o["tokens"] / t["tokens"], 4),  # the same examples: the two counts should agree
         same_checkpointing=dict(speed_ratio=round(tools[EVERY_LAYER]["tokens_per_second"] / t["tokens_per_second"], 3),
                                 memory_ratio=round(tools[EVERY_LAYER]["rss_mb"] / t["rss_mb"], 3))

@@ -269,21 +269,27 @@ def parallel():
     return "\n".join(lines)
 
 
+def tail(r, key="tail_loss", unit=""):
+    """` (value)` for a results key that files written before it existed lack."""
+    return f" ({r[key]:.4g}{unit})" if r.get(key) is not None else ""
+
+
 def train_vs_trl(name="train-vs-trl"):
     """Our train stage against `trl sft`, like for like (benchmarks/bench_train.py), on CPU or a GPU."""
     def make():
         r = read(name, "benchmarks/results")
         gpu = r.get("device", "cpu") != "cpu"
         memory = "peak GPU memory (MB)" if gpu else "peak RSS (MB)"
-        lines = [f"| | non-padding tokens/s | tokens counted | {memory} | whole process (s) | final train loss | MFU |",
+        lines = [f"| | non-padding tokens/s | tokens counted | {memory} | whole process (s) | final train loss "
+                 f"(mean of the last tenth of the steps) | MFU |",
                  "|---|---|---|---|---|---|---|"]
         for tool, m in r["tools"].items():
             lines.append(f"| {tool} | {m['tokens_per_second']:.1f} | {m['tokens']:.0f} | "
-                         f"{m['gpu_peak_mb' if gpu else 'rss_mb']:.0f} | {m['wall']:.0f} | {m['final_loss']} | "
+                         f"{m['gpu_peak_mb' if gpu else 'rss_mb']:.0f} | {m['wall']:.0f} | {m['final_loss']}{tail(m)} | "
                          f"{pct(m['mfu'])} |")
         lines.append(f"| **ours / trl sft** | **{times(r['speed_ratio'])}** | {times(r['tokens_ratio'])} | "
                      f"{times(r['gpu_memory_ratio' if gpu else 'memory_ratio'])} | {times(1 / r['wall_ratio'])} | "
-                     f"{r['loss_difference_pct']}% apart | |")
+                     f"{r['loss_difference_pct']}% apart{tail(r, 'tail_loss_difference_pct', '%')} | |")
         if r.get("same_checkpointing"):  # ours at trl sft's recompute (every layer), where our default differs
             same = r["same_checkpointing"]
             lines.append(f"| ours, checkpointing every layer / trl sft | {times(same['speed_ratio'])} | | "
