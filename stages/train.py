@@ -374,7 +374,7 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     )
     initialise_lora(trainer, p)
     fast_lora_dropout(trainer.model)  # the same dropout, its masks drawn faster on CPU
-    keep_less_for_backward(trainer.model)  # the same gradients from RMSNorm and SwiGLU, less memory on CPU
+    keep_less_for_backward(trainer.model)  # the same gradients, less kept for the backward on CPU: qlora/lean.py
     trainer.remove_callback(ProgressCallback)  # it prints every log as a dict; progress_callback reads better
     trainer.add_callback(progress_callback())  # last, as the stock one: it shows the tokens/s added before it
     return trainer
