@@ -280,12 +280,14 @@ def train_vs_trl(name="train-vs-trl"):
         r = read(name, "benchmarks/results")
         gpu = r.get("device", "cpu") != "cpu"
         memory = "peak GPU memory (MB)" if gpu else "peak RSS (MB)"
-        lines = [f"| | non-padding tokens/s | tokens counted | {memory} | whole process (s) | final train loss "
-                 f"(mean of the last tenth of the steps) | MFU |",
+        means = " (mean of the last tenth of the steps)" if r.get("tail_loss_difference_pct") is not None else ""
+        lines = [f"| | non-padding tokens/s | tokens counted | {memory} | whole process (s) | final train loss{means} "
+                 "| MFU |",
                  "|---|---|---|---|---|---|---|"]
         for tool, m in r["tools"].items():
             lines.append(f"| {tool} | {m['tokens_per_second']:.1f} | {m['tokens']:.0f} | "
-                         f"{m['gpu_peak_mb' if gpu else 'rss_mb']:.0f} | {m['wall']:.0f} | {m['final_loss']}{tail(m)} | "
+                         f"{m['gpu_peak_mb' if gpu else 'rss_mb']:.0f} | {m['wall']:.0f} | "
+                         f"{m['final_loss']}{tail(m)} | "
                          f"{pct(m['mfu'])} |")
         lines.append(f"| **ours / trl sft** | **{times(r['speed_ratio'])}** | {times(r['tokens_ratio'])} | "
                      f"{times(r['gpu_memory_ratio' if gpu else 'memory_ratio'])} | {times(1 / r['wall_ratio'])} | "

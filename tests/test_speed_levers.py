@@ -276,9 +276,10 @@ def test_fast_lora_dropout_is_dropout():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layers_that_keep_less_give_the_same_loss_and_gradients_bit_for_bit(family, batch, monkeypatch):
     """RMSNorm and the SwiGLU MLP swapped for ones keeping bf16 inputs, eager attention recomputing
-    its softmax in the backward, and LoRA's dropout folded into its A matrix (qlora/lean.py) give the same loss and LoRA gradients: to the last
-    bit in bf16, as trained; to float32 rounding in float32. And the forward keeps fewer bytes for
-    the backward. Gemma 3 (1 + weight norms, a GELU MLP) keeps its own norms and MLP."""
+    its softmax in the backward, and LoRA's dropout folded into its A matrix (qlora/lean.py) give the
+    same loss and LoRA gradients: to the last bit in bf16, as trained; to float32 rounding in
+    float32. And the forward keeps fewer bytes for the backward. Gemma 3 (1 + weight norms, a GELU
+    MLP) keeps its own norms and MLP."""
     from peft import LoraConfig, get_peft_model
 
     import qlora.lean
