@@ -213,6 +213,16 @@ class Lora:
     init: choice(*LORA_INITS)
     modules_to_save: Annotated[list[Str], must("a list of module names (may be empty)")]
 
+    @model_validator(mode="after")
+    def _head_trains(self):
+        # TRL's SFTTrainer scores the loss through a fused LM head that multiplies by lm_head.weight itself,
+        # past any LoRA wrapped around the head: its A and B would get no gradient and stay as initialised.
+        if isinstance(self.target_modules, list) and "lm_head" in self.target_modules:
+            raise rule("lora.target_modules", self.target_modules,
+                       "layers other than lm_head: the trainer's fused loss reads the head's weight directly, so a "
+                       "LoRA on it would never train; put lm_head in lora.modules_to_save to train the head in full")
+        return self
+
 
 @dataclass(frozen=True, config=SCHEMA)
 class Train:
@@ -232,6 +242,10 @@ class Train:
     attn_implementation: choice(*ATTN_IMPLEMENTATIONS)
     group_by_length: Bool
     padding_free: Bool
+    micro_batch_tokens: either(Annotated[int, Field(strict=True, ge=0)], Literal["auto"],
+                               what="auto, 0 (off) or a number of tokens")
+    liger_kernel: either(Bool, Literal["auto"], what="auto, true or false")
+    compile: either(Bool, Literal["auto"], what="auto, true or false")
     processes: PositiveInt
     distributed: Annotated[Str, must("the name of a config in accelerate/ (ddp, fsdp, or one of yours)",
                                      min_length=1, pattern=r"^[^/]+$")]
@@ -280,6 +294,10 @@ class Params:
             raise rule("lora.init", init, f"an init that works on a {bits}-bit base: pissa takes A and B from the "
                        "SVD of the full-precision weights and keeps their residual as the base, which peft cannot "
                        "do on quantized ones (set quantize.bits: 16, or lora.init: olora, which re-quantizes)")
+        budget = self.train.micro_batch_tokens
+        if budget != "auto" and 0 < budget < self.tokenize.max_length:
+            raise rule("train.micro_batch_tokens", budget, f"0 (off), auto, or at least tokenize.max_length "
+                       f"({self.tokenize.max_length}): a micro-batch holds whole examples")
         if init == "loftq" and bits != 4:
             raise rule("lora.init", init, f"an init for this base: loftq offsets the 4-bit quantization error, and "
                        f"quantize.bits is {bits}")

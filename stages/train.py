@@ -17,6 +17,7 @@ included, and the folder is removed once the adapter is written. A non-finite lo
 stops training at once with a non-zero exit; nothing is written as if it succeeded.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -108,12 +109,87 @@ EAGER_UP_TO = 160  # tokens: CPU attention fwd+bwd, batch 8, SmolLM2 heads: eage
 
 
 def attention(t, train_set):
-    """train.attn_implementation, with `auto` resolved: on CPU, sdpa's fused backward is about 3x slower
-    than eager attention on short examples (benchmarks/README.md), and faster on long ones."""
+    """train.attn_implementation, with `auto` resolved: eager on CPU for short examples, whose backward
+    is faster than sdpa's there (`benchmarks/results/levers.json`, the sdpa row), sdpa on longer ones;
+    on a GPU, FlashAttention 2's variable-length kernels for packed micro-batches where flash-attn is
+    installed, sdpa otherwise. Packed rows (train.micro_batch_tokens) are as long as the budget: sdpa.
+    Either way attention stays within each example of a packed row: transformers reads the example
+    boundaries from the restarting position ids (a block-diagonal mask for eager and sdpa)."""
     if t.attn_implementation != "auto":
         return t.attn_implementation
+    packed = micro_batch_tokens(t, train_set) > 0
+    if device() == "cuda":
+        return "flash_attention_2" if packed and importlib.util.find_spec("flash_attn") else "sdpa"
     longest = max(map(len, train_set["input_ids"]))
-    return "eager" if device() == "cpu" and longest <= EAGER_UP_TO else "sdpa"
+    return "eager" if longest <= EAGER_UP_TO and not packed else "sdpa"
+
+
+GPU_MICRO_BATCH_TOKENS = 16384  # auto on a GPU: enough tokens per micro-step that the matmuls, not the 4-bit
+# dequantization or the launches, take the step (an 8B model's weights are dequantized once per micro-step)
+
+
+def mean_tokens(train_set):
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    return sum(lengths) / len(lengths)
+
+
+def micro_batch_tokens(t, train_set):
+    """train.micro_batch_tokens, with `auto` resolved: on a GPU, GPU_MICRO_BATCH_TOKENS when the global
+    batch holds more tokens than that (at least the longest example); otherwise 0, batches of
+    train.batch_size examples as before: on CPU the padded batches measured faster than padding-free
+    ones (docs/levers.md), and a global batch within one budget gains only its padding."""
+    if t.micro_batch_tokens != "auto":
+        return t.micro_batch_tokens
+    if device() == "cpu":
+        return 0
+    tokens = t.batch_size * t.gradient_accumulation_steps * mean_tokens(train_set)
+    return max(GPU_MICRO_BATCH_TOKENS, max(map(len, train_set["input_ids"]))) if tokens > GPU_MICRO_BATCH_TOKENS else 0
+
+
+def batching(t, train_set):
+    """(examples or packed rows per micro-batch, micro-batches per optimizer step, row length or None).
+
+    Without a token budget: train.batch_size examples, train.gradient_accumulation_steps of them. With
+    one, TRL packs whole examples into rows of at most that many tokens (best-fit decreasing, no
+    example split), one row per micro-batch, and accumulates as many rows as hold the global batch of
+    batch_size * gradient_accumulation_steps examples on average (at least one row)."""
+    budget = micro_batch_tokens(t, train_set)
+    if not budget:
+        return t.batch_size, t.gradient_accumulation_steps, None
+    global_batch = t.batch_size * t.gradient_accumulation_steps
+    return 1, max(1, round(global_batch * mean_tokens(train_set) / budget)), budget
+
+
+def liger(t):
+    """train.liger_kernel, with `auto` resolved: on on a GPU where liger-kernel is installed. TRL applies
+    its RMSNorm, SwiGLU and RoPE kernels (not its fused cross-entropy: TRL's own fused LM head scores the
+    loss). Liger's kernels are Triton's: asked for elsewhere, the stage stops with what to set."""
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if t.liger_kernel == "auto":
+        return device() == "cuda" and installed
+    if t.liger_kernel and (device() != "cuda" or not installed):
+        raise ParamsError("params.yaml: train.liger_kernel true needs a CUDA GPU and the liger-kernel package "
+                          f"({'not installed' if not installed else 'no GPU here'}); set it to auto or false")
+    return t.liger_kernel
+
+
+def compiling(t):
+    """train.compile, with `auto` resolved: on a GPU with torch >= 2.8, where torch.compile traces
+    bitsandbytes' 4-bit layers whole; off on CPU, where compiling costs more than the run saves."""
+    if t.compile != "auto":
+        return t.compile
+    import torch
+
+    return device() == "cuda" and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def compile_layers(model):
+    """torch.compile each decoder layer in place (Module.compile); returns how many. Layer by layer, as
+    the layers are alike: one compiled graph serves them all, the embeddings, head and loss stay eager."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def checkpointing(t):
@@ -144,18 +220,20 @@ def save_steps(t):
     return t.checkpoint_steps
 
 
-def sft_config(t, output_dir, bf16, fp16, resuming=False):
+def sft_config(t, output_dir, bf16, fp16, resuming=False, train_set=None):
     import torch
     from trl import SFTConfig
 
+    per_device, accumulation, row = batching(t, train_set) if train_set is not None else \
+        (t.batch_size, t.gradient_accumulation_steps, None)
     early_stopping = t.early_stopping_patience > 0
     checkpoints = t.checkpoint_steps > 0
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a share of all steps
@@ -165,7 +243,11 @@ def sft_config(t, output_dir, bf16, fp16, resuming=False):
         activation_checkpointing=checkpointing(t),
         activation_checkpointing_kwargs={"every_n_layers": checkpointing_every(t)},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        padding_free=t.padding_free,
+        padding_free=t.padding_free or bool(row),
+        packing=bool(row),  # train.micro_batch_tokens: whole examples in rows of `row` tokens, best-fit decreasing
+        packing_strategy="bfd",
+        eval_packing=False,  # the val loss over the same batches of examples, whatever the train batching
+        use_liger_kernel=liger(t),
         logging_steps=t.logging_steps,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
@@ -189,7 +271,7 @@ def sft_config(t, output_dir, bf16, fp16, resuming=False):
         fp16=fp16,
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
-        max_length=None,  # the tokenize stage already cut examples to tokenize.max_length
+        max_length=row,  # None: the tokenize stage already cut examples to tokenize.max_length
         report_to="none",
         disable_tqdm=False,  # a progress bar, though not the stock one: see progress_callback
         dataloader_num_workers=0,
@@ -365,7 +447,7 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     head_grads_upcast_in_slices()
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(p.train, str(output_dir), bf16, fp16, resuming=resuming),
+        args=sft_config(p.train, str(output_dir), bf16, fp16, resuming=resuming, train_set=train_set),
         train_dataset=train_set,
         eval_dataset=load_split(p.paths.tokenized, "val"),
         processing_class=tokenizer,
@@ -375,6 +457,8 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     initialise_lora(trainer, p)
     fast_lora_dropout(trainer.model)  # the same dropout, its masks drawn faster on CPU
     keep_less_for_backward(trainer.model)  # the same gradients, less kept for the backward on CPU: qlora/lean.py
+    if compiling(p.train):
+        compile_layers(trainer.model)
     trainer.remove_callback(ProgressCallback)  # it prints every log as a dict; progress_callback reads better
     trainer.add_callback(progress_callback())  # last, as the stock one: it shows the tokens/s added before it
     return trainer
@@ -504,7 +588,7 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
     tokens = state.num_input_tokens_seen - throughput.start_tokens
     tokens_per_second = tokens / throughput.training_seconds
     low, high = cores.threads_used()
-    mean_tokens = sum(map(len, trainer.train_dataset["input_ids"])) / len(trainer.train_dataset)
+    examples = load_split(p.paths.tokenized, "train")  # the examples, whether the trainer packed them into rows or not
     return dict(
         trainable_parameters=trainable,
         trainable_fraction=round(trainable / total, 6),
@@ -514,7 +598,7 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
         epochs=round(state.epoch, 3),
         seconds=round(seconds, 1),  # wall time of training in this process, evaluations included
         tokens_per_second=round(tokens_per_second, 1),  # non-padding, evaluations excluded
-        mfu=cost.mfu(trainer.model.config, mean_tokens, trainable, tokens_per_second, high * world.num_processes),
+        mfu=cost.mfu(trainer.model.config, mean_tokens(examples), trainable, tokens_per_second, high * world.num_processes),
         peak_memory_mb=cost.peak_memory_mb(),  # this process: peak RSS on CPU, the most allocated on CUDA
         stopped_early=state.global_step < state.max_steps,
         stopped_at_step=state.global_step,
@@ -523,6 +607,10 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
         attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
         checkpointing=checkpointing(p.train),  # train.gradient_checkpointing, auto resolved
         checkpointing_every=checkpointing_every(p.train) if checkpointing(p.train) else 0,  # 0: off
+        micro_batch_tokens=micro_batch_tokens(p.train, examples),  # auto resolved; 0: off
+        gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,  # resolved with a token budget
+        liger_kernel=trainer.args.use_liger_kernel,
+        compiled=compiling(p.train),
         threads=low if low == high else f"{low}-{high}",  # CPU threads: the fair share of the cores (qlora.cores)
     ), history
 
@@ -554,7 +642,7 @@ def main():
                 f"global batch {p.train.batch_size * p.train.gradient_accumulation_steps * world.num_processes}")
         trainable, total = trainer.model.get_nb_trainable_parameters()
         log(f"{trainable} trainable parameters of {total} ({100 * trainable / total:.3f}%), "
-            f"{len(trainer.train_dataset)} examples")
+            f"{len(trainer.train_dataset)} {'packed rows' if trainer.args.packing else 'examples'}")
         seconds = run(trainer, p, resume)
         write_adapter(trainer, p, run_dir, initial, main_process)
     if not main_process:

@@ -21,6 +21,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if item.get_closest_marker("cuda") and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if item.get_closest_marker("cpu") and cuda:
+            item.add_marker(pytest.mark.skip(reason="holds only on a machine without a GPU"))
+
+
 def tiny_config(vocab_size):
     from transformers import LlamaConfig
 

@@ -62,7 +62,7 @@ def test_two_processes_write_once_and_match_one_process(tiny_project):
     assert max(drift.values()) < 0.05, drift
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of FSDP")
+@pytest.mark.cpu  # the refusal of FSDP without CUDA
 def test_bad_distributed_settings_stop_before_any_training(tiny_project):
     p = tiny_project
     for setting, message in (("nope", "nope.yaml does not exist (there: ddp, fsdp)"),

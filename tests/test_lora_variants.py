@@ -54,11 +54,14 @@ def test_modules_to_save_trains_and_saves_the_whole_layer(tiny_project):
     assert any("lm_head" in k for k in weights), sorted(weights)[:5]
 
 
+@pytest.mark.cpu
+def test_loftq_is_refused_without_a_gpu(tiny_project, monkeypatch):
+    with pytest.raises(ParamsError, match="lora.init loftq needs a CUDA GPU"):  # peft's LoftQ on a 4-bit base: CUDA only
+        built(tiny_project, {"lora.init": "loftq"}, monkeypatch)
+
+
+@pytest.mark.cuda
 def test_loftq_starts_closer_to_the_unquantized_weights(tiny_project, monkeypatch):
-    if not torch.cuda.is_available():  # peft computes LoftQ on a quantized base on CUDA only
-        with pytest.raises(ParamsError, match="lora.init loftq needs a CUDA GPU"):
-            built(tiny_project, {"lora.init": "loftq"}, monkeypatch)
-        return
     trainer = built(tiny_project, {"lora.init": "loftq"}, monkeypatch)
     layer = lora_layer(trainer.model)
     import bitsandbytes.functional as F

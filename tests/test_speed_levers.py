@@ -130,18 +130,144 @@ def test_head_grads_upcast_in_slices_sum_in_float32(tiny_lora_model, batch, monk
     assert calls and all(shape[1] <= 32768 for shape in calls)  # TRL's vocabulary chunks, sliced inside
 
 
-def test_auto_attention_is_eager_for_short_examples_on_cpu(tmp_path):
+def test_auto_attention_is_eager_for_short_examples_on_cpu(monkeypatch):
     from types import SimpleNamespace
 
+    import stages.train
     from stages.train import EAGER_UP_TO, attention
 
-    def pick(setting, longest):
-        return attention(SimpleNamespace(attn_implementation=setting), {"input_ids": [[1] * 10, [1] * longest]})
+    monkeypatch.setattr(stages.train, "device", lambda: "cpu")  # on every machine, a GPU one too
+
+    def pick(setting, longest, budget=0):
+        t = SimpleNamespace(attn_implementation=setting, micro_batch_tokens=budget)
+        return attention(t, {"input_ids": [[1] * 10, [1] * longest]})
 
     assert pick("auto", EAGER_UP_TO) == "eager"
     assert pick("auto", EAGER_UP_TO + 1) == "sdpa"
+    assert pick("auto", 20, budget=512) == "sdpa"  # packed rows are as long as the budget
     assert pick("sdpa", 20) == "sdpa"
     assert pick("eager", 2000) == "eager"
+    monkeypatch.setattr(stages.train, "device", lambda: "cuda")
+    assert pick("auto", 20) == "sdpa"
+
+
+def test_auto_token_budget_is_off_on_cpu_and_fills_a_gpu_keeping_the_global_batch(monkeypatch):
+    """train.micro_batch_tokens auto: off on CPU; on a GPU, GPU_MICRO_BATCH_TOKENS per packed row when
+    the global batch holds more tokens than that, with as many rows accumulated as hold it."""
+    from types import SimpleNamespace
+
+    import stages.train
+    from stages.train import GPU_MICRO_BATCH_TOKENS as BUDGET, batching
+
+    examples = {"input_ids": [[1] * 100, [1] * 300]}  # 200 tokens on average
+
+    def batches(where, budget, batch_size, accumulation=1):
+        monkeypatch.setattr(stages.train, "device", lambda: where)
+        t = SimpleNamespace(micro_batch_tokens=budget, batch_size=batch_size, gradient_accumulation_steps=accumulation)
+        return batching(t, examples)
+
+    big = BUDGET // 200 * 4  # a global batch of about 4 budgets
+    assert batches("cpu", "auto", big) == (big, 1, None)
+    assert batches("cuda", "auto", 8) == (8, 1, None)  # 1,600 tokens: one padded batch as before
+    assert batches("cuda", "auto", big // 2, 2) == (1, 4, BUDGET)  # 4 rows of the budget, the same examples per step
+    assert batches("cuda", 0, big) == (big, 1, None)
+    assert batches("cpu", 1000, 64) == (1, 13, 1000)  # 12,800 tokens per step in rows of 1,000
+    assert batches("cpu", 1000, 2) == (1, 1, 1000)  # at least one row: here about 5 examples a step, not 2
+
+
+def test_liger_and_compile_resolve_by_device(monkeypatch):
+    from types import SimpleNamespace
+
+    import stages.train
+    from qlora.params import ParamsError
+    from stages.train import compiling, liger
+
+    monkeypatch.setattr(stages.train, "device", lambda: "cpu")
+    assert liger(SimpleNamespace(liger_kernel="auto")) is False
+    assert compiling(SimpleNamespace(compile="auto")) is False
+    assert compiling(SimpleNamespace(compile=True)) is True  # it compiles on CPU too, when asked
+    with pytest.raises(ParamsError, match="train.liger_kernel true needs a CUDA GPU"):
+        liger(SimpleNamespace(liger_kernel=True))
+    monkeypatch.setattr(stages.train, "device", lambda: "cuda")
+    assert compiling(SimpleNamespace(compile="auto")) is True  # torch 2.13 here: >= 2.8
+    assert compiling(SimpleNamespace(compile=False)) is False
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_packed_rows_keep_each_example_apart(family, impl):
+    """Examples packed into one row as the train stage packs them (train.micro_batch_tokens: TRL's
+    best-fit-decreasing packing, its padding-free collator) get the loss they get alone in a padded
+    batch, token for token: attention does not cross an example's boundary (transformers reads the
+    boundaries from the restarting position ids)."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = family_model(family).eval()
+    model.config.use_cache = False  # as load_model has it: with a cache, transformers looks for no packed rows
+    model.set_attn_implementation(impl)
+    torch.manual_seed(2)
+    examples = [torch.randint(3, 49152, (n,)).tolist() for n in (12, 30, 7)]
+    rows = [{"input_ids": ids, "labels": [-100] * (len(ids) - 3) + ids[-3:]} for ids in examples]
+
+    def token_losses(batch):
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0),
+                                                   reduction="none")
+        return losses[labels != -100].sort().values  # packing reorders the examples
+
+    packed_rows = pack_dataset(Dataset.from_list(rows), 64, "bfd")
+    assert len(packed_rows) == 1 and sorted(packed_rows[0]["seq_lengths"]) == [7, 12, 30]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([packed_rows[0]])
+    assert packed["input_ids"].shape == (1, 49) and "attention_mask" not in packed
+    alone, together = token_losses(padded), token_losses(packed)
+    assert alone.numel() == together.numel() == 3 * 3
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+    crossing = {k: v for k, v in packed.items() if k in ("input_ids", "labels")}  # no position ids: one long text
+    with pytest.raises(AssertionError):  # the check tells attention across examples apart
+        torch.testing.assert_close(token_losses(crossing), alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_lora_on_the_head_would_never_train_so_it_is_refused():
+    """TRL's fused LM head multiplies by lm_head.weight itself, past peft's LoRA wrapper: a LoRA on
+    lm_head gets no gradient (the params refuse it), while lm_head in modules_to_save trains. When
+    TRL changes this, the first half fails and the refusal can go."""
+    import trl.trainer.utils as trl_utils
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(3, 49152, (2, 20))
+    grads = {}
+    for kind in ("target_modules", "modules_to_save"):
+        config = tiny_config(49152)
+        config.tie_word_embeddings = False
+        torch.manual_seed(0)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config)
+        trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        lora = LoraConfig(r=4, init_lora_weights=False, **({"target_modules": ["q_proj", "lm_head"]} if kind ==
+                          "target_modules" else {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}))
+        model = get_peft_model(model, lora)
+        model(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
+        grads[kind] = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n]
+    assert grads["target_modules"] and all(g is None for g in grads["target_modules"])
+    assert grads["modules_to_save"] and all(g is not None and g.norm() > 0 for g in grads["modules_to_save"])
+
+
+def test_lm_head_in_target_modules_is_refused_with_the_key(tmp_path):
+    import shutil
+
+    from qlora.params import ParamsError, parse_params
+    from conftest import ROOT, set_params
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path / "params.yaml", {"lora.target_modules": ["q_proj", "lm_head"]})
+    with pytest.raises(ParamsError, match="lora.target_modules must be layers other than lm_head.*modules_to_save"):
+        parse_params(tmp_path / "params.yaml")
 
 
 def test_auto_checkpointing_is_off_on_cpu_and_every_2nd_layer_there_when_on(monkeypatch):
@@ -197,6 +323,28 @@ def test_gradient_checkpointing_every_other_layer_keeps_gradients(tiny_lora_mode
     assert [m.gradient_checkpointing for m in layers] == [True, False]  # the first of every 2 recomputes
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad)
+
+
+def test_a_token_budget_trains_packed_rows_through_the_stage(tiny_project):
+    """train.micro_batch_tokens set: the stage packs whole examples into rows of at most the budget,
+    accumulates the rows that hold the global batch, trains, and records what it resolved."""
+    import json
+
+    from conftest import run, set_params
+
+    tokenized = json.loads((tiny_project / "metrics/tokenize.json").read_text())
+    budget = 4 * tokenized["max_tokens"]
+    set_params(tiny_project / "params.yaml", {"train.micro_batch_tokens": budget, "train.batch_size": 8,
+                                              "train.gradient_accumulation_steps": 2})
+    out = run(["python", "-m", "stages.train"], tiny_project)
+    train = json.loads((tiny_project / "metrics/train.json").read_text())
+    assert train["micro_batch_tokens"] == budget and train["attention"] == "sdpa"
+    assert "packed rows" in out.stderr + out.stdout
+    import pandas as pd
+
+    mean = pd.read_parquet(tiny_project / "data/tokenized/train.parquet")["input_ids"].map(len).mean()
+    assert train["gradient_accumulation_steps"] == max(1, round(16 * mean / budget))
+    assert train["steps"] == 3 and train["final_loss"] > 0
 
 
 def test_every_stage_loads_4bit_layers_on_the_training_path(tiny_project):
