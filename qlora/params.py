@@ -246,6 +246,7 @@ class Train:
                                what="auto, 0 (off) or a number of tokens")
     liger_kernel: either(Bool, Literal["auto"], what="auto, true or false")
     compile: either(Bool, Literal["auto"], what="auto, true or false")
+    activation_offloading: Bool
     processes: PositiveInt
     distributed: Annotated[Str, must("the name of a config in accelerate/ (ddp, fsdp, or one of yours)",
                                      min_length=1, pattern=r"^[^/]+$")]

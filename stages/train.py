@@ -173,6 +173,15 @@ def liger(t):
     return t.liger_kernel
 
 
+def offloading(t):
+    """train.activation_offloading, refused without CUDA: TRL's offloading copies to pinned host memory
+    on a CUDA stream; on CPU the activations are in host memory already."""
+    if t.activation_offloading and device() != "cuda":
+        raise ParamsError("params.yaml: train.activation_offloading true needs a CUDA GPU (on CPU the activations "
+                          "are in RAM already); set it to false, or train.gradient_checkpointing: true to save memory")
+    return t.activation_offloading
+
+
 def compiling(t):
     """train.compile, with `auto` resolved: on a GPU with torch >= 2.8, where torch.compile traces
     bitsandbytes' 4-bit layers whole; off on CPU, where compiling costs more than the run saves."""
@@ -248,6 +257,7 @@ def sft_config(t, output_dir, bf16, fp16, resuming=False, train_set=None):
         packing_strategy="bfd",
         eval_packing=False,  # the val loss over the same batches of examples, whatever the train batching
         use_liger_kernel=liger(t),
+        activation_offloading=offloading(t),
         logging_steps=t.logging_steps,
         eval_strategy="steps",
         eval_steps=t.eval_steps,

@@ -45,3 +45,10 @@ def test_packed_rows_train_on_the_gpu(tiny_project):
 def test_liger_kernels_train_where_installed(tiny_project):
     pytest.importorskip("liger_kernel")
     assert train(tiny_project, {"train.liger_kernel": True, "train.compile": False})["liger_kernel"] is True
+
+
+def test_activation_offloading_trains_with_less_gpu_memory(tiny_project):
+    kept = train(tiny_project, {"train.compile": False, "train.gradient_checkpointing": False})
+    offloaded = train(tiny_project, {"train.compile": False, "train.gradient_checkpointing": False,
+                                     "train.activation_offloading": True})
+    assert offloaded["steps"] == 3 and offloaded["peak_memory_mb"] < kept["peak_memory_mb"]

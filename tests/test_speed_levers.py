@@ -180,9 +180,11 @@ def test_liger_and_compile_resolve_by_device(monkeypatch):
 
     import stages.train
     from qlora.params import ParamsError
-    from stages.train import compiling, liger
+    from stages.train import compiling, liger, offloading
 
     monkeypatch.setattr(stages.train, "device", lambda: "cpu")
+    with pytest.raises(ParamsError, match="train.activation_offloading true needs a CUDA GPU"):
+        offloading(SimpleNamespace(activation_offloading=True))
     assert liger(SimpleNamespace(liger_kernel="auto")) is False
     assert compiling(SimpleNamespace(compile="auto")) is False
     assert compiling(SimpleNamespace(compile=True)) is True  # it compiles on CPU too, when asked
