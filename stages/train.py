@@ -436,6 +436,7 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
 
     if p.lora.init == "loftq" and device() != "cuda":
         initialise_lora(None, p)  # its error, before the model is loaded
+    liger(p.train), offloading(p.train)  # theirs too
     set_seed(p.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     model = load_model(p.paths.quantized)  # 4-bit layers off the AVX512-BF16 trap: qlora/models.py

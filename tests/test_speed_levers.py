@@ -349,6 +349,21 @@ def test_a_token_budget_trains_packed_rows_through_the_stage(tiny_project):
     assert train["steps"] == 3 and train["final_loss"] > 0
 
 
+@pytest.mark.cpu
+def test_gpu_only_levers_stop_the_stage_before_any_training_on_cpu(tiny_project):
+    from conftest import run, set_params
+
+    before = (tiny_project / "metrics/train.json").read_text()
+    for key, message in (("train.liger_kernel", "train.liger_kernel true needs a CUDA GPU"),
+                         ("train.activation_offloading", "train.activation_offloading true needs a CUDA GPU")):
+        set_params(tiny_project / "params.yaml", {key: True})
+        result = run(["python", "-m", "stages.train"], tiny_project, check=False)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+        assert "trainable parameters" not in result.stderr + result.stdout  # stopped before the model was built
+        set_params(tiny_project / "params.yaml", {key: False})
+    assert (tiny_project / "metrics/train.json").read_text() == before  # the last good results kept
+
+
 def test_every_stage_loads_4bit_layers_on_the_training_path(tiny_project):
     import bitsandbytes as bnb
 
