@@ -34,6 +34,20 @@ def stages(log):
     return {name: dict(exit_code=int(rc), seconds=int(s)) for name, rc, s in found}
 
 
+def pytest_run(xml):
+    """Counts of the suite's run on CUDA, and each test that did not pass with its first message line."""
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(xml).getroot()
+    suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    bad = [dict(test=f"{case.get('classname')}::{case.get('name')}", kind=child.tag,
+                message=(child.get("message") or "").splitlines()[0][:300] if child.get("message") else "")
+           for case in suite.iter("testcase") for child in case if child.tag in ("failure", "error")]
+    return dict(counts, passed=counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+                seconds=float(suite.get("time", 0)), not_passed=bad)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setup-log", required=True)
@@ -41,6 +55,7 @@ def main():
     parser.add_argument("--pipeline-log", required=True)
     parser.add_argument("--quantize-8b")
     parser.add_argument("--bench", nargs="*", default=[])
+    parser.add_argument("--pytest", help="pytest-cuda.xml: the suite's run on CUDA (gpu.sh ci), as JUnit XML")
     parser.add_argument("--date", required=True, help="the day of the run, YYYY-MM-DD")
     parser.add_argument("--commit", required=True, help="the commit the machine ran (its working tree)")
     args = parser.parse_args()
@@ -60,6 +75,8 @@ def main():
                                            "overfitting")},
         quantize={k: read["metrics/quantize.json"][k] for k in ("memory_footprint_mb", "bits_per_parameter")},
     )
+    if args.pytest:
+        result["pytest"] = pytest_run(args.pytest)
     if args.quantize_8b:
         result["llama3_8b_quantize"] = json.loads(Path(args.quantize_8b).read_text())
     RESULTS.mkdir(parents=True, exist_ok=True)
