@@ -609,7 +609,8 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
         epochs=round(state.epoch, 3),
         seconds=round(seconds, 1),  # wall time of training in this process, evaluations included
         tokens_per_second=round(tokens_per_second, 1),  # non-padding, evaluations excluded
-        mfu=cost.mfu(trainer.model.config, mean_tokens(examples), trainable, tokens_per_second, high * world.num_processes),
+        mfu=cost.mfu(trainer.model.config, mean_tokens(examples), trainable, tokens_per_second,
+                     high * world.num_processes),
         peak_memory_mb=cost.peak_memory_mb(),  # this process: peak RSS on CPU, the most allocated on CUDA
         stopped_early=state.global_step < state.max_steps,
         stopped_at_step=state.global_step,
