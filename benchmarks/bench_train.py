@@ -166,11 +166,17 @@ def trl(scratch, steps, params, data, base, pack, rows=1):
            # on a GPU both use sdpa attention (ours: attn_implementation auto); on CPU trl keeps its default
            *(["--attn_implementation", "sdpa"] if cuda else ["--use_cpu", "True"])]
     env = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    out, wall, rss = run_measured(cmd, ROOT, env, scratch / "trl.log")
-    runtime = last_value(out, "train_runtime")
-    tokens = last_value(out, "num_tokens")  # SFTTrainer's own count: the attention mask's ones, no padding
-    losses = [float(v) for v in re.findall(r"'loss': '?([-\d.e+]+)'?", out)]
+    measured = trainer_run(cmd, env, scratch / "trl.log", steps)
     shutil.rmtree(work, ignore_errors=True)
+    return measured
+
+
+def trainer_run(cmd, env, log, steps):
+    """The figures of one SFTTrainer run from its printed logs: its whole training loop's runtime,
+    its own token count (the attention mask's ones, no padding), every step's loss."""
+    out, wall, rss = run_measured(cmd, ROOT, env, log)
+    runtime, tokens = last_value(out, "train_runtime"), last_value(out, "num_tokens")
+    losses = [float(v) for v in re.findall(r"'loss': '?([-\d.e+]+)'?", out)]
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
                 final_loss=losses[-1], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=steps,
                 gpu_peak_mb=peak_cuda_mb(out))
@@ -181,13 +187,7 @@ def unsloth(scratch, steps, params, data, base, pack, rows):
     kernels) on the same data, LoRA, rows and schedule, timed by the same clock: its whole training loop."""
     cmd = [sys.executable, str(ROOT / "benchmarks/unsloth_sft.py"), "--model", str(base), "--data", str(data),
            "--steps", str(steps), "--pack", str(pack), "--rows", str(rows), "--params", json.dumps(params)]
-    out, wall, rss = run_measured(cmd, ROOT, child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
-                                  scratch / "unsloth.log")
-    runtime, tokens = last_value(out, "train_runtime"), last_value(out, "num_tokens")
-    losses = [float(v) for v in re.findall(r"'loss': '?([-\d.e+]+)'?", out)]
-    return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
-                final_loss=losses[-1], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=steps,
-                gpu_peak_mb=peak_cuda_mb(out))
+    return trainer_run(cmd, child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), scratch / "unsloth.log", steps)
 
 
 EVERY_LAYER = "ours, checkpointing every layer"  # the same recompute as trl sft

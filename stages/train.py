@@ -129,7 +129,11 @@ GPU_MICRO_BATCH_TOKENS = 16384  # auto on a GPU: enough tokens per micro-step th
 
 
 def mean_tokens(train_set):
-    lengths = [len(ids) for ids in train_set["input_ids"]]
+    """Tokens per example, of examples or of TRL's packed rows (whose `seq_lengths` are the examples')."""
+    if "seq_lengths" in getattr(train_set, "column_names", ()):
+        lengths = [n for row in train_set["seq_lengths"] for n in row]
+    else:
+        lengths = [len(ids) for ids in train_set["input_ids"]]
     return sum(lengths) / len(lengths)
 
 
@@ -436,7 +440,8 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
 
     if p.lora.init == "loftq" and device() != "cuda":
         initialise_lora(None, p)  # its error, before the model is loaded
-    liger(p.train), offloading(p.train)  # theirs too
+    liger(p.train)  # theirs too
+    offloading(p.train)
     set_seed(p.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     model = load_model(p.paths.quantized)  # 4-bit layers off the AVX512-BF16 trap: qlora/models.py
@@ -599,7 +604,6 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
     tokens = state.num_input_tokens_seen - throughput.start_tokens
     tokens_per_second = tokens / throughput.training_seconds
     low, high = cores.threads_used()
-    examples = load_split(p.paths.tokenized, "train")  # the examples, whether the trainer packed them into rows or not
     return dict(
         trainable_parameters=trainable,
         trainable_fraction=round(trainable / total, 6),
@@ -609,7 +613,7 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
         epochs=round(state.epoch, 3),
         seconds=round(seconds, 1),  # wall time of training in this process, evaluations included
         tokens_per_second=round(tokens_per_second, 1),  # non-padding, evaluations excluded
-        mfu=cost.mfu(trainer.model.config, mean_tokens(examples), trainable, tokens_per_second,
+        mfu=cost.mfu(trainer.model.config, mean_tokens(trainer.train_dataset), trainable, tokens_per_second,
                      high * world.num_processes),
         peak_memory_mb=cost.peak_memory_mb(),  # this process: peak RSS on CPU, the most allocated on CUDA
         stopped_early=state.global_step < state.max_steps,
@@ -619,7 +623,7 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
         attention=trainer.model.config._attn_implementation,  # train.attn_implementation, auto resolved
         checkpointing=checkpointing(p.train),  # train.gradient_checkpointing, auto resolved
         checkpointing_every=checkpointing_every(p.train) if checkpointing(p.train) else 0,  # 0: off
-        micro_batch_tokens=micro_batch_tokens(p.train, examples),  # auto resolved; 0: off
+        micro_batch_tokens=trainer.args.max_length if trainer.args.packing else 0,  # auto resolved; 0: off
         gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,  # resolved with a token budget
         liger_kernel=trainer.args.use_liger_kernel,
         compiled=compiling(p.train),
