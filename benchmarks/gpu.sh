@@ -6,7 +6,7 @@
 #                                  packed tokens: our train stage against trl sft (tokens/s, GPU memory, MFU)
 #   bash benchmarks/gpu.sh default the default pipeline on CUDA (its stages in dvc.yaml's order, from
 #                                  the bundled GGUF), then bench_train.py there
-#   bash benchmarks/gpu.sh ci      the whole GPU check in one call of about 8 minutes, after setup and the
+#   bash benchmarks/gpu.sh ci      the whole GPU check in one call (its steps sized for about 8 minutes), after setup and the
 #                                  GGUF parts: pytest on CUDA (tests/test_cuda.py, the speed levers, the
 #                                  variants, export), the default through `dvc repro` (export
 #                                  and its checks included), then the 8B shapes (r 16, all-linear, rows of
