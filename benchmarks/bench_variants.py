@@ -48,7 +48,7 @@ def main():
 
     os.chdir(ROOT)
     from qlora.outputs import provenance
-    from qlora.report import experiment_rows
+    from tools.report import experiment_rows
 
     out = ROOT / "benchmarks/results/lora-variants.json"
     old = json.loads(out.read_text())["variants"] if out.exists() and args.only else {}

@@ -256,6 +256,8 @@ class Train:
     early_stopping_min_delta: NonNegative
     checkpoint_steps: Annotated[int, must("0 (off) or a positive integer", ge=0)]
     seed: Int
+    trial: either(Annotated[Str, Field(pattern=r"^[\w-]+/\d+$")], None,
+                  what="null, or the Optuna trial <study>/<number> this run reports to (set by the tune worker)")
 
 
 @dataclass(frozen=True, config=SCHEMA)

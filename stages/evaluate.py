@@ -7,7 +7,8 @@
   where it happened, the last one, the rise since the best in percent, and
   `overfitting` when that rise passes `evaluate.overfitting_rise_pct`.
 - The task metrics on test, beside the base model's from the evaluate_base stage, and
-  the gains (qlora/scoring.py). Classification: accuracy, macro F1 and `answered`
+  the gains (qlora/scoring.py); the same metrics on val (what a search chooses by, since
+  test never is), the primary one with its interval. Classification: accuracy, macro F1 and `answered`
   (answers that give exactly one allowed label). Generation: exact match, chrF and
   ROUGE-L of the generated answer against the reference, and `answered` (non-empty).
 - Sample predictions (input, expected, base answer, fine-tuned answer) in
@@ -127,9 +128,12 @@ def main():
                    (("train", train), ("val", val), ("test", test))}
     losses = {name: loss_summary(*sums_counts) for name, sums_counts in per_example.items()}
     log("loss " + ", ".join(f"{name} {v['loss']}" for name, v in losses.items()))
-    answers = generate_answers(model, tokenizer, test, e.batch_size, answer_budget(e.max_new_tokens, full_train),
-                               load_format(p.paths.tokenized)["stop_token_ids"], desc="test answers")
+    budget, stop_ids = answer_budget(e.max_new_tokens, full_train), load_format(p.paths.tokenized)["stop_token_ids"]
+    answers = generate_answers(model, tokenizer, test, e.batch_size, budget, stop_ids, desc="test answers")
     scores, scored = task_scores(task, answers, test["completion"], p.data.labels)
+    # The task metric on val too: what a search may choose by (test never is).
+    val_answers = generate_answers(model, tokenizer, val, e.batch_size, budget, stop_ids, desc="val answers")
+    val_scores, val_scored = task_scores(task, val_answers, val["completion"], p.data.labels)
 
     metrics = {f"{name}_{k}": v for name, result in losses.items() for k, v in result.items()}
     metrics.update(
@@ -152,6 +156,10 @@ def main():
         if name != "answered":
             metrics[f"{name}_gain"] = round(value - base, 4)
             metrics[f"{name}_gain_ci_low"], metrics[f"{name}_gain_ci_high"] = interval(mine[name] - base_samples[name])
+    metrics.update({f"val_{name}": value for name, value in val_scores.items()})
+    val_samples = metric_samples(task, val_answers, val_scored, val["completion"], *per_example["val"],
+                                 resampled(len(val)))
+    metrics[f"val_{PRIMARY[task]}_ci_low"], metrics[f"val_{PRIMARY[task]}_ci_high"] = interval(val_samples[PRIMARY[task]])
     low, high = metrics[f"{PRIMARY[task]}_gain_ci_low"], metrics[f"{PRIMARY[task]}_gain_ci_high"]
     metrics["gain_significant"] = low > 0 or high < 0  # the primary metric's paired interval excludes 0
 

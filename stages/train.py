@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from qlora.checkpoints import fingerprint, live_snapshot_callback, newest_complete, restore_live, step_of
-from qlora import cores, cost
+from qlora import cores, cost, trial
 from qlora.console import done, note, progress, quiet_known_noise
 from qlora.lean import keep_less_for_backward
 from qlora.models import (device, fast_lora_dropout, head_grads_upcast_in_slices, load_model, module_names,
@@ -557,7 +557,8 @@ def stage_callbacks(p, live_dir, resume, main_process):
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(p.train.early_stopping_patience, p.train.early_stopping_min_delta))
-    return callbacks, throughput
+    pruning = trial.pruning_callback(p.train.trial) if p.train.trial and main_process else None
+    return callbacks + [pruning] * bool(pruning), throughput, pruning
 
 
 def run(trainer, p, resume):
@@ -598,7 +599,7 @@ def write_adapter(trainer, p, run_dir, initial, main_process):
     trainer.accelerator.wait_for_everyone()
 
 
-def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
+def train_metrics(trainer, throughput, seconds, resume, trainable, total, p, pruning=None):
     state, world = trainer.state, trainer.accelerator
     history = [h["loss"] for h in state.log_history if "loss" in h]  # all finite: see FiniteLoss
     tokens = state.num_input_tokens_seen - throughput.start_tokens
@@ -617,6 +618,7 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p):
                      high * world.num_processes),
         peak_memory_mb=cost.peak_memory_mb(),  # this process: peak RSS on CPU, the most allocated on CUDA
         stopped_early=state.global_step < state.max_steps,
+        pruned=bool(pruning and pruning.pruned_at is not None),  # stopped by its study's pruner (train.trial)
         stopped_at_step=state.global_step,
         best_step=state.best_global_step if p.train.early_stopping_patience else state.global_step,
         resumed_from_step=step_of(resume) if resume else 0,
@@ -647,7 +649,7 @@ def main():
     if resume and main_process:
         restore_live(resume, live_dir)
         log(f"resuming from {resume} (step {step_of(resume)} of a run with the same params and data)")
-    callbacks, throughput = stage_callbacks(p, live_dir, resume, main_process)
+    callbacks, throughput, pruning = stage_callbacks(p, live_dir, resume, main_process)
 
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(p, run_dir or scratch, callbacks, resuming=bool(resume))
@@ -666,11 +668,12 @@ def main():
     if run_dir and run_dir.exists():
         shutil.rmtree(run_dir)  # the adapter is written: DVC keeps it from here
 
-    metrics, history = train_metrics(trainer, throughput, seconds, resume, trainable, total, p)
+    metrics, history = train_metrics(trainer, throughput, seconds, resume, trainable, total, p, pruning)
     write_json(Path(p.paths.metrics) / "train.json", metrics)
     done(f"{metrics['steps']} steps in {seconds:.0f} s ({throughput.training_seconds:.0f} s of them training), "
          f"loss {history[0]:.3f} -> {history[-1]:.3f}, {metrics['tokens_per_second']} tokens/s"
-         + (f" (stopped early; best val loss at step {metrics['best_step']})" if metrics["stopped_early"] else ""))
+         + (f" (pruned by its study at step {pruning.pruned_at})" if metrics["pruned"] else
+            f" (stopped early; best val loss at step {metrics['best_step']})" if metrics["stopped_early"] else ""))
 
 
 if __name__ == "__main__":

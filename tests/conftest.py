@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "qlora", "accelerate", "data/raw"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "qlora", "tools", "accelerate", "data/raw"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

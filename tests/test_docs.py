@@ -1,5 +1,5 @@
 """Every measured figure of README.md, docs/ and benchmarks/README.md is rendered from the file a
-script wrote (make docs, python -m qlora.docs): none is typed by hand, so none can drift."""
+script wrote (make docs, python -m tools.docs): none is typed by hand, so none can drift."""
 
 import json
 import shutil

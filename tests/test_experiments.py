@@ -71,7 +71,7 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
     p = tiny_project
     for name, r in (("small", 2), ("large", 16)):
         run(["dvc", "exp", "run", "-n", name, "-S", f"lora.r={r}"], p)
-    python = [sys.executable, "-m", "qlora.report"]
+    python = [sys.executable, "-m", "tools.report"]
 
     run([*python, "compare"], p)
     report, against = (p / "reports/compare.md").read_text().split("\n## Against ")
@@ -127,7 +127,7 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
 
 def test_noise_runs_each_seed_once_and_writes_the_spread(tiny_project):
     p = tiny_project
-    python = [sys.executable, "-m", "qlora.report", "noise", "--seeds", "2"]
+    python = [sys.executable, "-m", "tools.report", "noise", "--seeds", "2"]
     run(python, p)
     noise = json.loads((p / "reports/noise.json").read_text())
     assert sorted(noise["experiments"]) == ["noise-seed-1", "noise-seed-2"]
@@ -141,7 +141,7 @@ def test_noise_runs_each_seed_once_and_writes_the_spread(tiny_project):
 
 
 def test_a_multi_line_param_and_an_interval_fit_one_cell():
-    from qlora.report import cell, markdown_table, with_interval
+    from tools.report import cell, markdown_table, with_interval
 
     template = "Which section is this package in?\n\n{name}: {summary}\n" * 3
     shown = cell(template)

@@ -76,7 +76,7 @@ def predictions(correct, loss):
 
 
 def verdicts(ref, run):
-    from qlora.report import paired_comparison
+    from tools.report import paired_comparison
 
     return {name: (diff, verdict) for name, _, _, diff, _, _, verdict in paired_comparison(ref, run)}
 
@@ -97,7 +97,7 @@ def test_a_paired_comparison_tells_better_from_within_noise():
 
 
 def test_runs_on_another_test_set_are_not_paired():
-    from qlora.report import same_test_set
+    from tools.report import same_test_set
 
     a = predictions([True] * 4, 0.1)
     b = [dict(r, input=r["input"] + " (other split)") for r in a]
@@ -105,7 +105,7 @@ def test_runs_on_another_test_set_are_not_paired():
 
 
 def test_a_difference_within_the_seed_spread_is_within_noise_whatever_the_bootstrap_says():
-    from qlora.report import paired_comparison
+    from tools.report import paired_comparison
 
     rng = np.random.default_rng(5)
     base = rng.random(96) < 0.7

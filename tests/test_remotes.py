@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import repro, run
-from qlora.s3server import BUCKET, S3Server
+from tools.s3server import BUCKET, S3Server
 
 PREFIX = "qlora"  # configure_dvc's path in the bucket
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run
-from qlora.tune import TuneError, load_config
+from tools.tune import TuneError, load_config
 
 SPACE = """\
 study: {study}
@@ -56,13 +56,13 @@ def test_the_objective_is_never_a_test_metric(tmp_path, monkeypatch):
 
 def tune(project, trials, study="tiny"):
     (project / "tune.yaml").write_text(SPACE.format(study=study, trials=trials))
-    return subprocess.Popen([sys.executable, "-m", "qlora.tune"], cwd=project, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "tools.tune"], cwd=project, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"))
 
 
 def journal_trials(project, study="tiny"):
-    from qlora.tune import open_study
+    from tools.tune import open_study
 
     config = load_config(project / "tune.yaml", project / "params.yaml")
     cwd = os.getcwd()
@@ -73,6 +73,8 @@ def journal_trials(project, study="tiny"):
         os.chdir(cwd)
 
 
+@pytest.mark.fault("`make tune` killed mid-trial (one worker, the journal file)",
+                   sees="the rerun keeps the finished trials and runs the cut-off one's params first", lost="that one run")
 def test_each_trial_is_an_experiment_and_a_killed_search_resumes(tiny_project):
     p = tiny_project
     params_before = (p / "params.yaml").read_text()
@@ -102,7 +104,7 @@ def test_each_trial_is_an_experiment_and_a_killed_search_resumes(tiny_project):
     assert trials[2].params == trials[1].params, "the interrupted trial's params come first"
 
     # Each finished trial is a DVC experiment with its own params and metrics.
-    from qlora.report import experiment_rows
+    from tools.report import experiment_rows
 
     cwd = os.getcwd()
     os.chdir(p)
@@ -127,3 +129,17 @@ def test_each_trial_is_an_experiment_and_a_killed_search_resumes(tiny_project):
     assert (p / "reports/tune/tiny.png").stat().st_size > 1000
     assert (p / "params.yaml").read_text() == params_before
     assert yaml.safe_load(run(["git", "status", "--porcelain", "params.yaml", "dvc.lock"], p).stdout or "") is None
+
+
+def test_a_second_worker_in_the_same_clone_stops_naming_why(tmp_path, monkeypatch):
+    from tools.tune import one_worker_per_clone
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    (tmp_path / "tune.yaml").write_text(SPACE.format(study="s", trials=1))
+    held = one_worker_per_clone()  # noqa: F841 - a worker running in this clone
+    second = subprocess.run([sys.executable, "-m", "tools.tune"], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert second.returncode != 0
+    assert "another worker runs in this clone" in second.stderr and "a clone of its own" in second.stderr
+    assert not (tmp_path / "reports").exists(), "it stopped before touching the study"

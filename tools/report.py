@@ -1,9 +1,9 @@
 """Offline plots and the experiment comparison report; no stage, run on demand.
 
-    python -m qlora.report exps [REV ...]    # the experiments as a table on the console, best first
-    python -m qlora.report plots [REV ...]   # dvc plots show/diff, rendered offline
-    python -m qlora.report compare [REV ...] # one page: experiments, changed params, metrics, curves
-    python -m qlora.report noise --seeds N   # the seed noise floor: reports/noise.{md,json}
+    python -m tools.report exps [REV ...]    # the experiments as a table on the console, best first
+    python -m tools.report plots [REV ...]   # dvc plots show/diff, rendered offline
+    python -m tools.report compare [REV ...] # one page: experiments, changed params, metrics, curves
+    python -m tools.report noise --seeds N   # the seed noise floor: reports/noise.{md,json}
 
 `dvc plots show` writes HTML whose charting scripts load from a CDN, so the page is
 blank offline. `plots` hands DVC an HTML template with the chart library (vega,
@@ -450,7 +450,7 @@ def screenshot(page, png, size="1280x1600"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m qlora.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["exps", "plots", "compare", "noise"])
     parser.add_argument("--seeds", type=int, default=3, help="noise: train.seed = 1..SEEDS")
     parser.add_argument("--data-seeds", action="store_true", help="noise: set data.seed to the same seed too")
