@@ -51,8 +51,10 @@ def open_storage(url, heartbeat_seconds=None):
 
     if "://" not in url:
         return JournalStorage(JournalFileBackend(url))
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=3)  # a stale trial's params, enqueued to run again
     beat = dict(heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3)) if heartbeat_seconds else {}
+                heartbeat_stale_trial_callback=retry) if heartbeat_seconds else {}
+
     def connect():
         import sqlalchemy.exc
 

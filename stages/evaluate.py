@@ -159,7 +159,8 @@ def main():
     metrics.update({f"val_{name}": value for name, value in val_scores.items()})
     val_samples = metric_samples(task, val_answers, val_scored, val["completion"], *per_example["val"],
                                  resampled(len(val)))
-    metrics[f"val_{PRIMARY[task]}_ci_low"], metrics[f"val_{PRIMARY[task]}_ci_high"] = interval(val_samples[PRIMARY[task]])
+    primary = PRIMARY[task]
+    metrics[f"val_{primary}_ci_low"], metrics[f"val_{primary}_ci_high"] = interval(val_samples[primary])
     low, high = metrics[f"{PRIMARY[task]}_gain_ci_low"], metrics[f"{PRIMARY[task]}_gain_ci_high"]
     metrics["gain_significant"] = low > 0 or high < 0  # the primary metric's paired interval excludes 0
 

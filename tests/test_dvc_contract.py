@@ -100,3 +100,15 @@ def test_validate_reads_all_of_params_and_runs_before_every_stage():
     assert validate_out == "${paths.metrics}/" + VALIDATED and DVC["validate"]["outs"][0][validate_out]["persist"]
     for name, stage in DVC.items():
         assert name == "validate" or validate_out in stage["deps"], name
+
+
+def test_no_stage_or_library_module_imports_the_tools():
+    """tools/ (reports, docs renderer, search, test servers) runs beside the pipeline: a stage that
+    imported it would depend on code its dvc.yaml entry cannot list without rerunning on every report change."""
+    offenders = []
+    for path in sorted([*ROOT.glob("stages/*.py"), *ROOT.glob("qlora/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "tools"]
+    assert offenders == []

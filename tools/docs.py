@@ -475,8 +475,8 @@ def tune_workers():
                   trials_table(study, markdown_table), "",
                   f"Best: **{best['experiment']}**, {study['objective']} {fmt(best['value'])}, with "
                   + ", ".join(f"`{k}={fmt(v)}`" for k, v in best["params"].items()) + ".", ""]
-    lines += [f"Wall time of one worker over that of {r['studies'][0]['workers']}: {r['speedup']}x, on {r['cores']} cores "
-              f"({r['machine']}, {r['date']}, commit {r['commit'][:7]})."]
+    lines += [f"Wall time of one worker over that of {r['studies'][0]['workers']}: {r['speedup']}x, "
+              f"on {r['cores']} cores ({r['machine']}, {r['date']}, commit {r['commit'][:7]})."]
     return "\n".join(lines)
 
 
