@@ -281,8 +281,11 @@ def reap(study, config):
         return
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", "")
-        if worker.rpartition(":")[0] == host and not alive(int(worker.rpartition(":")[2])):
+        # A retry just asked for carries the attributes of the trial it replaces until its worker records
+        # its own (the worker first, its experiment's name last): until then it is not judged.
+        worker, claimed = trial.user_attrs.get("worker", ""), trial.user_attrs.get("experiment") == \
+            f"{config['study']}-{trial.number}"
+        if claimed and worker.rpartition(":")[0] == host and not alive(int(worker.rpartition(":")[2])):
             try:  # the attribute first: a finished trial takes none
                 study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its worker is gone; "
                                                                               "run again")
@@ -388,9 +391,9 @@ def run_trial(study, config, trial, storage):
     wait = config["wait_minutes"]
     name = f"{config['study']}-{trial.number}"
     # A retried trial arrives with the attributes of the one it replaces: each is set anew, the error cleared.
-    for key, value in (("experiment", name), ("objective", config["objective"]),
-                       ("worker", f"{socket.gethostname()}:{os.getpid()}"), ("clone", clone_id()),
-                       *((("error", None),) if "error" in trial.user_attrs else ())):
+    for key, value in (("worker", f"{socket.gethostname()}:{os.getpid()}"), ("clone", clone_id()),
+                       ("objective", config["objective"]), *((("error", None),) if "error" in trial.user_attrs else ()),
+                       ("experiment", name)):  # the name last: it marks the trial as this worker's (see reap)
         retrying(lambda: trial.set_user_attr(key, value), "record the trial", wait, say)
     if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
         retrying(lambda: storage.record_heartbeat(trial._trial_id), "record a heartbeat", wait, say)
@@ -561,7 +564,8 @@ def trials_table(result, markdown_table):
     body = [[str(r["number"]), r["experiment"] or "", (r.get("commit") or "")[:7],
              *(fmt(r["params"].get(k)) for k in keys), fmt(r["value"]), fmt(r["best_so_far"]),
              r["state"] + (f" at step {r['pruned_at']}" if r.get("pruned_at") is not None else "")
-             + (" (stopped early)" if r.get("stopped_early") else ""), fmt(r.get("test_accuracy"))]
+             + (" (stopped early)" if r.get("stopped_early") and r["state"] != "pruned" else ""),
+             fmt(r.get("test_accuracy"))]
             for r in result["trials"]]
     return markdown_table(head, body)
 
