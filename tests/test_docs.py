@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import ROOT
-from qlora import docs
+from tools import docs
 
 
 def test_every_rendered_figure_is_that_of_its_file():
