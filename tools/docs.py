@@ -462,19 +462,16 @@ def faults():
 def tune_workers():
     """A study of the default by several workers and the same budget by one (bench_tune_workers.py)."""
     from tools.report import markdown_table
-    from tools.tune import fmt, trials_table
+    from tools.tune import best_line, trials_table
 
     r = read("tune-workers", "benchmarks/results")
     lines = []
     for study in r["studies"]:
-        best = study["best"]
         pruned = [t for t in study["trials"] if t["state"] == "pruned"]
         lines += [f"**{study['study']}**: {study['workers']} worker(s), {study['process_seconds']:.0f} s from the "
                   f"first worker's start to the last one's exit; {len(pruned)} of {study['budget']} trials pruned"
                   + (f" ({', '.join(str(t['number']) for t in pruned)})" if pruned else "") + ".", "",
-                  trials_table(study, markdown_table), "",
-                  f"Best: **{best['experiment']}**, {study['objective']} {fmt(best['value'])}, with "
-                  + ", ".join(f"`{k}={fmt(v)}`" for k, v in best["params"].items()) + ".", ""]
+                  trials_table(study, markdown_table), "", best_line(study) + ".", ""]
     lines += [f"Wall time of one worker over that of {r['studies'][0]['workers']}: {r['speedup']}x, "
               f"on {r['cores']} cores ({r['machine']}, {r['date']}, commit {r['commit'][:7]})."]
     return "\n".join(lines)

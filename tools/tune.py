@@ -241,10 +241,9 @@ def experiment_refs():
     return {ref.rsplit("/", 1)[-1]: (ref, sha) for ref, sha in (line.split() for line in refs.stdout.splitlines())}
 
 
-def experiment_metrics(name):
-    """The metrics files of experiment `name`, read from its git ref: found whatever commit it was run
-    on (the branch may have moved on while the search ran)."""
-    ref = experiment_refs().get(name, (None,))[0]
+def experiment_metrics(ref):
+    """The metrics files of an experiment, read from its git ref: found whatever commit it was run on
+    (the branch may have moved on while the search ran)."""
     metrics = {}
     for file in (EVALUATE, TRAIN):
         shown = subprocess.run(["git", "show", f"{ref}:{file}"], capture_output=True, text=True) if ref else None
@@ -370,12 +369,15 @@ def over_budget(study, config, trial):
     return len(ahead) >= config["trials"]
 
 
-def heartbeat(storage, trial_id, seconds, stop):
-    """Optuna's heartbeat of a running trial (a database only), beating while the storage is reachable."""
-    from optuna.storages._heartbeat import BaseHeartbeat
+def beats(storage):
+    """Whether the storage keeps Optuna's heartbeat of running trials (a database opened with one)."""
+    from optuna.storages import RDBStorage
 
-    if not isinstance(storage, BaseHeartbeat) or storage.get_heartbeat_interval() is None:
-        return
+    return isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None
+
+
+def heartbeat(storage, trial_id, seconds, stop):
+    """Optuna's heartbeat of a running trial, beating while the storage is reachable."""
     while not stop.wait(seconds):
         try:
             storage.record_heartbeat(trial_id)
@@ -395,7 +397,7 @@ def run_trial(study, config, trial, storage):
                        ("objective", config["objective"]), *((("error", None),) if "error" in trial.user_attrs else ()),
                        ("experiment", name)):  # the name last: it marks the trial as this worker's (see reap)
         retrying(lambda: trial.set_user_attr(key, value), "record the trial", wait, say)
-    if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
+    if beats(storage):
         retrying(lambda: storage.record_heartbeat(trial._trial_id), "record a heartbeat", wait, say)
     if over_budget(study, config, trial):
         retrying(lambda: trial.set_user_attr("error", "over the budget: another worker asked at the same time"),
@@ -412,9 +414,9 @@ def run_trial(study, config, trial, storage):
     cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(values),
            "-S", f"train.trial={config['study']}/{trial.number}", "evaluate"]
     stop = threading.Event()
-    beat = threading.Thread(target=heartbeat, args=(storage, trial._trial_id, config["heartbeat_seconds"], stop),
-                            daemon=True)
-    beat.start()
+    if beats(storage):
+        threading.Thread(target=heartbeat, args=(storage, trial._trial_id, config["heartbeat_seconds"], stop),
+                         daemon=True).start()
     try:
         result = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, **{STORAGE_ENV: storage_url(config)}))
@@ -436,22 +438,20 @@ def run_trial(study, config, trial, storage):
         # than twice heartbeat_seconds). Its params run again there; this run is not counted.
         say(f"tune: {name}'s trial was marked failed by another worker meanwhile (its heartbeat lapsed); "
             f"its params run again, and this run is not counted")
-        return
-    push_pending(study, config)
 
 
 def tell(study, trial, name, config, wait):
     """The trial's result, from its experiment's metrics: complete with the objective's value, or pruned."""
     from optuna.trial import TrialState
 
-    metrics = experiment_metrics(name)
+    ref, commit = experiment_refs().get(name, (None, None))
+    metrics = experiment_metrics(ref)
     objective = config["objective"]
     for file, key in REPORTED:
         value = metrics.get(file, {}).get(key)
         if value is not None:
             retrying(lambda: trial.set_user_attr(key, value), "record the metrics", wait, say)
-    retrying(lambda: trial.set_user_attr("commit", experiment_refs().get(name, (None, None))[1]),
-             "record the commit", wait, say)
+    retrying(lambda: trial.set_user_attr("commit", commit), "record the commit", wait, say)
     value = metrics.get(EVALUATE, {}).get(objective)
     if metrics.get(TRAIN, {}).get("pruned"):
         retrying(lambda: study.tell(trial, state=TrialState.PRUNED), "record the result", wait, say)
@@ -570,6 +570,12 @@ def trials_table(result, markdown_table):
     return markdown_table(head, body)
 
 
+def best_line(result):
+    best = result["best"]
+    return (f"Best: **{best['experiment']}**, {result['objective']} {fmt(best['value'])}, with "
+            + ", ".join(f"`{k}={fmt(v)}`" for k, v in best["params"].items()))
+
+
 def markdown(result, markdown_table):
     best = result["best"]
     finished = sum(r["state"] in ("complete", "pruned") for r in result["trials"])
@@ -580,9 +586,7 @@ def markdown(result, markdown_table):
              f"by {result['workers']} worker(s).", "",
              trials_table(result, markdown_table), ""]
     if best:
-        lines += [f"Best: **{best['experiment']}**, {result['objective']} = {fmt(best['value'])}, with "
-                  + ", ".join(f"`{k}={fmt(v)}`" for k, v in best["params"].items())
-                  + f". Restore it with `dvc exp apply {best['experiment']}` (in another clone, "
+        lines += [best_line(result) + f". Restore it with `dvc exp apply {best['experiment']}` (in another clone, "
                     f"`dvc exp pull <remote> {best['experiment']}` first).", ""]
     if result["importances"]:
         lines += ["Parameter importances (Optuna's fANOVA over the finished trials; with few trials, a rough guide):",
