@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from qlora.outputs import log
 
-LOG_INTERVAL = 10  # seconds between progress lines in a log: a 3-minute training writes about 20
+LOG_INTERVAL = 10  # seconds between progress lines in a log: six lines per minute of training
 KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
 KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 CHECKPOINTING_NOTICE = r"`is_gradient_checkpointing` is deprecated"  # a regex matched at the start

@@ -34,7 +34,8 @@ def load_model(path, bnb_cpu_inference=False):
     the compute dtype), for training, mid-training evaluation, evaluation and generation alike:
     see `keep_4bit_weights_trainable`. On CPU that path is also faster than bitsandbytes' packed
     inference path and close to a bf16 model without quantization (benchmarks/bench_eval.py
-    measures it; benchmarks/README.md renders the figures); `bnb_cpu_inference=True` keeps the
+    measures it into benchmarks/results/eval-4bit-vs-bf16.json, `models`; benchmarks/README.md
+    renders the figures); `bnb_cpu_inference=True` keeps the
     packed path, for that benchmark only.
     """
     from transformers import AutoModelForCausalLM
@@ -85,17 +86,21 @@ def score_labelled_positions_only():
     `add_fused_lm_head`). It scores only the positions whose label is not -100 when it
     runs on Triton devices, and every position elsewhere, so that tile shapes stay fixed
     for compiling backends such as Neuron. On CPU nothing is compiled, and with the
-    prompt masked out of the loss, most positions carry no label: here 4 of about 75
-    tokens per example are the answer and its end of turn. Projecting the other 71
-    through the 49,152-word head, forward and backward, took 2.1 of 3.9 s per step
-    (benchmarks/README.md). The loss and its gradient are the same: the skipped
-    positions are multiplied by zero either way. Returns whether TRL had the hook.
+    prompt masked out of the loss, most positions carry no label: only the answer and its
+    end of turn do (their share per split: metrics/tokenize.json, `train_labelled_share`).
+    Projecting the others through the 49,152-word head, forward and backward, is work
+    whose result is discarded (where a step's time goes now: benchmarks/results/profile-step.json,
+    `operators`). The loss and its gradient are the same: the skipped positions are
+    multiplied by zero either way. Raises if TRL no longer has the hook, so that an
+    upgrade which renames it stops training instead of silently scoring every position.
     """
+    import trl
     import trl.trainer.utils as trl_utils
 
     use_triton = getattr(trl_utils, "_use_triton", None)
     if use_triton is None:
-        return False
+        raise RuntimeError(f"trl {trl.__version__} has no trl.trainer.utils._use_triton, the private hook "
+                           "score_labelled_positions_only patches: find what replaced it and patch that")
     if not getattr(use_triton, "scores_cpu_compact", False):
         def compact(device):
             return device.type == "cpu" or use_triton(device)
@@ -114,16 +119,19 @@ def head_grads_upcast_in_slices():
     The gradient of the hidden states is `tile @ weight` over the 49,152-word vocabulary, summed
     in float32 (trl/kernels/chunked_logprob.py, `_addmm_fp32`: rounding each vocabulary chunk's
     product to bf16 biases training). CUDA has a bf16 matmul with a float32 output; on CPU TRL
-    upcasts both operands, a copy of 32,768 x 576 weights per chunk that costs twice the matmul.
+    upcasts both operands, a copy of 32,768 x 576 weights per chunk that costs more than the matmul.
     Here the same float32 sums run over slices of ADDMM_ROWS vocabulary rows, each upcast while
-    in cache: 3x faster, the same sums up to float32 rounding (`tests/test_speed_levers.py`).
-    Returns whether TRL had the function.
+    in cache: faster, the same sums up to float32 rounding (`tests/test_speed_levers.py`).
+    Raises if TRL no longer has the function, so that an upgrade which renames it stops training
+    instead of silently running the slow upcast.
     """
+    import trl
     import trl.kernels.chunked_logprob as kernel
 
     upcast = getattr(kernel, "_addmm_fp32", None)
     if upcast is None:
-        return False
+        raise RuntimeError(f"trl {trl.__version__} has no trl.kernels.chunked_logprob._addmm_fp32, the private "
+                           "function head_grads_upcast_in_slices patches: find what replaced it and patch that")
     if getattr(upcast, "in_slices", False):
         return True
 
@@ -143,14 +151,13 @@ class FastDropout(torch.nn.Module):
     input kept with probability 1 - p and scaled by 1 / (1 - p), the gradient masked the same
     way), the mask drawn by numpy's SFC64 seeded from torch's generator, so a seed still fixes
     every mask. torch draws a CPU dropout mask one Bernoulli sample at a time; with LoRA on
-    the attention projections of 30 layers that is 120 masks per step, and the whole dropout
-    took a third of a training step on the default (`benchmarks/bench_levers.py` measures a
-    run with `lora.dropout: 0` against the default). On other devices: torch's own dropout.
+    the attention projections of 30 layers that is 120 masks per step (what the dropout costs
+    now: benchmarks/results/levers.json, `variants["no LoRA dropout"].speed_vs_default`, a run
+    with `lora.dropout: 0` against the default). On other devices: torch's own dropout.
 
     Gradient checkpointing runs each layer's forward twice with torch's generator restored in
     between, so the second pass draws the seed of the first: the module keeps its last keep-mask
-    packed to one bit per input (48 KB on the default) and unpacks it for that seed instead of
-    drawing it again, 4x faster."""
+    packed to one bit per input and unpacks it for that seed instead of drawing it again."""
 
     def __init__(self, p):
         super().__init__()

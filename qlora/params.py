@@ -102,7 +102,7 @@ LORA_BIASES = ("none", "all", "lora_only")
 LORA_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq", "eva")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 # transformers' SchedulerType and OptimizerNames, spelled out: importing them imports torch and
-# peft (4 s), which the light stages (validate, prepare) do not need. tests/test_params.py fails
+# peft (slow to import), which the light stages (validate, prepare) do not need. tests/test_params.py fails
 # when these differ from the installed transformers' own.
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",

@@ -132,6 +132,31 @@ def tiny_gemma3_dir(tmp_path_factory, tokenizer_dir):
     return out
 
 
+def eval_pass_repacks(model, monkeypatch=None):
+    """The 4-bit layers of `model` that an eval pass without grad repacked into bitsandbytes' CPU
+    inference layout (the AVX512-BF16 trap, qlora/models.py `keep_4bit_weights_trainable`): after it
+    no gradient flows through them. A list of names; empty where every layer kept its weights."""
+    import bitsandbytes as bnb
+    import torch
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert layers, "no 4-bit layer to check"
+    before = {n: m.weight.data.clone() for n, m in layers.items()}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    return [n for n, m in layers.items() if getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+            or m.weight.data.shape != before[n].shape or not torch.equal(m.weight.data, before[n])]
+
+
+def as_on_a_trap_cpu(monkeypatch):
+    """4-bit layers built from now on behave as on a CPU with AVX512-BF16, whatever this CPU has."""
+    import bitsandbytes.nn.modules as modules
+
+    assert callable(modules.has_avx512bf16), "bitsandbytes renamed its AVX512-BF16 probe"
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)
+
+
 def make_project(dest, overrides):
     """Copy the pipeline into a fresh git repo with DVC, params changed as `overrides` ({"a.b": v})."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ def test_prepare_reads_each_format_into_disjoint_splits(workdir, name):
     assert sum(map(len, lines.values())) == 40
     assert not (lines["train"] & lines["val"] or lines["train"] & lines["test"] or lines["val"] & lines["test"])
     metrics = json.loads((workdir / "metrics/prepare.json").read_text())
-    assert metrics["cross_split_duplicates"] == 0 and metrics["train_examples"] == len(lines["train"])
+    assert metrics["train_examples"] == len(lines["train"]) and metrics["test_examples"] == len(lines["test"])
 
 
 def test_prepare_is_deterministic_and_seeded(workdir):

@@ -156,16 +156,16 @@ def write_unsupported_gguf(path):
 
 
 @pytest.mark.parametrize("project", ["qwen2_project", "gemma3_project"])
-def test_the_speed_levers_of_train_hold_for_other_families(project, request):
-    """The 4-bit layers of each family run on the training path, and short examples train with eager
-    attention (tests/test_speed_levers.py checks the fused LM head and attention per family)."""
-    import bitsandbytes as bnb
-
+def test_the_speed_levers_of_train_hold_for_other_families(project, request, monkeypatch):
+    """The 4-bit layers of each family stay on the training path through an eval pass (as on a CPU
+    with AVX512-BF16), and short examples train with eager attention (tests/test_speed_levers.py
+    checks the fused LM head and attention per family)."""
+    from conftest import as_on_a_trap_cpu, eval_pass_repacks
     from qlora.models import load_model
 
     p, _ = request.getfixturevalue(project)
-    layers = [m for m in load_model(p / "models/quantized").modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    as_on_a_trap_cpu(monkeypatch)
+    assert eval_pass_repacks(load_model(p / "models/quantized")) == []
     from qlora.models import device
 
     assert json.loads((p / "metrics/train.json").read_text())["attention"] == ("eager" if device() == "cpu" else "sdpa")

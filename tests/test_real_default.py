@@ -39,4 +39,3 @@ def test_real_default_pipeline_reduced(real_project):
     # Near-tied next tokens flip between bf16 kernels (measured 0.96 on 8 test examples); the
     # stage itself holds the test loss and accuracy to export.*_tolerance.
     assert export["argmax_agreement"] >= 0.9
-    assert abs(export["test_loss"] - export["adapter_test_loss"]) <= 0.05

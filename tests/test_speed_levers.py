@@ -130,6 +130,24 @@ def test_head_grads_upcast_in_slices_sum_in_float32(tiny_lora_model, batch, monk
     assert calls and all(shape[1] <= 32768 for shape in calls)  # TRL's vocabulary chunks, sliced inside
 
 
+@pytest.mark.parametrize("module, name, patch", [
+    ("trl.trainer.utils", "_use_triton", "score_labelled_positions_only"),
+    ("trl.kernels.chunked_logprob", "_addmm_fp32", "head_grads_upcast_in_slices"),
+])
+def test_a_trl_upgrade_without_the_patched_internal_stops_training(module, name, patch, monkeypatch):
+    """Both patches need a private TRL function: where an upgrade removed it, they raise naming it
+    and TRL's version, rather than train on at the unpatched speed without a word."""
+    import importlib
+
+    import trl
+
+    from qlora import models
+
+    monkeypatch.delattr(importlib.import_module(module), name)
+    with pytest.raises(RuntimeError, match=rf"trl {trl.__version__} has no {module}\.{name}"):
+        getattr(models, patch)()
+
+
 def test_auto_attention_is_eager_for_short_examples_on_cpu(monkeypatch):
     from types import SimpleNamespace
 
@@ -364,13 +382,18 @@ def test_gpu_only_levers_stop_the_stage_before_any_training_on_cpu(tiny_project)
     assert (tiny_project / "metrics/train.json").read_text() == before  # the last good results kept
 
 
-def test_every_stage_loads_4bit_layers_on_the_training_path(tiny_project):
-    import bitsandbytes as bnb
+def test_every_stage_loads_4bit_layers_on_the_training_path(tiny_project, monkeypatch):
+    """On a CPU with AVX512-BF16, an eval pass repacks bitsandbytes' 4-bit weights for inference, after
+    which no gradient flows through them: a model loaded as every stage loads it keeps them."""
+    from transformers import AutoModelForCausalLM
 
+    from conftest import as_on_a_trap_cpu, eval_pass_repacks
     from qlora.models import load_model
 
-    layers = [m for m in load_model(tiny_project / "models/quantized").modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    as_on_a_trap_cpu(monkeypatch)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_project / "models/quantized")
+    assert eval_pass_repacks(plain), "the trap this guards against, in this bitsandbytes"
+    assert eval_pass_repacks(load_model(tiny_project / "models/quantized")) == []
 
 
 def test_fast_lora_dropout_is_dropout():
