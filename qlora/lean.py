@@ -3,17 +3,17 @@
 What a training step holds at its peak is mostly what each layer not checkpointed keeps for its
 backward pass (on CPU, with `train.gradient_checkpointing: auto`, every layer). Two of the model's own
 layers keep more than their backward needs, as autograd records them op by op:
-- RMSNorm keeps its input upcast to float32: on the default batch (8 x 89 tokens, 576 wide) a
-  1.6 MB copy per norm, twice the bytes of the bfloat16 input it came from;
-- the SwiGLU MLP keeps the gate, the up projection and the SiLU of the gate (2.1 MB each, 1536
-  wide), though the gate gives the SiLU again for one elementwise op.
+- RMSNorm keeps its input upcast to float32: a copy per norm with twice the bytes of the
+  bfloat16 input it came from;
+- the SwiGLU MLP keeps the gate, the up projection and the SiLU of the gate (each as wide as the
+  intermediate size), though the gate gives the SiLU again for one elementwise op.
 Here each is one autograd function that keeps its bfloat16 inputs and replays, in its backward,
 the same torch ops in the same order as autograd's own backward: the gradients are equal bit for
 bit in bfloat16 (tests/test_speed_levers.py). A module is swapped only when its forward is the
 Llama one word for word (Llama, Qwen2, Qwen3, Mistral, SmolLM3, ...) and, for the MLP, its
 activation is SiLU; any other family keeps its own layers.
 
-Eager attention keeps its softmax twice, in float32 and cast to bf16 (3.3 MB a layer here, growing
+Eager attention keeps its softmax twice, in float32 and cast to bf16 (a copy per layer growing
 with the square of the length). In layers not checkpointed, the family's own eager attention runs
 under torch's checkpoint: it keeps q, k and v and recomputes the two small matmuls and the softmax
 in the backward, the same ops, so the same bits.
@@ -108,8 +108,8 @@ class DroppedLinear(torch.nn.Linear):
     """LoRA's A matrix with its dropout folded in (peft computes lora_B(lora_A(dropout(x)))).
 
     A layer's q, k and v projections share their input, and each LoRA A kept its own dropped copy
-    of it plus its mask: here they keep the one input and a 1-bit mask each (0.8 MB and 0.05 MB a
-    module on the default batch, against 0.8 MB twice). The same FastDropout draws the same masks.
+    of it plus its mask: here they keep the one input and a 1-bit mask each (a sixteenth of the
+    input's bfloat16 bytes), against a dropped copy each. The same FastDropout draws the same masks.
     It holds the same weight Parameter, so the adapter's keys and the optimizer see no change."""
 
     def __init__(self, linear, dropout):

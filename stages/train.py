@@ -105,12 +105,12 @@ def initialise_lora(trainer, p):
         initialize_lora_eva_weights(trainer.model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
 
 
-EAGER_UP_TO = 160  # tokens: CPU attention fwd+bwd, batch 8, SmolLM2 heads: eager 10 ms vs sdpa 18 at 128, 23 vs 18 at 192
+EAGER_UP_TO = 160  # tokens: about where sdpa's CPU attention fwd+bwd overtakes eager's (batch 8, SmolLM2 heads)
 
 
 def attention(t, train_set):
     """train.attn_implementation, with `auto` resolved: eager on CPU for short examples, whose backward
-    is faster than sdpa's there (`benchmarks/results/levers.json`, the sdpa row), sdpa on longer ones;
+    is faster than sdpa's there (benchmarks/results/levers.json, `variants["sdpa attention"]`), sdpa on longer ones;
     on a GPU, FlashAttention 2's variable-length kernels for packed micro-batches where flash-attn is
     installed, sdpa otherwise. Packed rows (train.micro_batch_tokens) are as long as the budget: sdpa.
     Either way attention stays within each example of a packed row: transformers reads the example
@@ -141,7 +141,8 @@ def micro_batch_tokens(t, train_set):
     """train.micro_batch_tokens, with `auto` resolved: on a GPU, GPU_MICRO_BATCH_TOKENS when the global
     batch holds more tokens than that (at least the longest example); otherwise 0, batches of
     train.batch_size examples as before: on CPU the padded batches measured faster than padding-free
-    ones (docs/levers.md), and a global batch within one budget gains only its padding."""
+    ones (benchmarks/results/levers.json, `variants["padding-free"]`), and a global batch within one
+    budget gains only its padding."""
     if t.micro_batch_tokens != "auto":
         return t.micro_batch_tokens
     if device() == "cpu":
@@ -451,8 +452,8 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
         raise ParamsError(f"params.yaml: lora.target_modules names {missing[0]!r}, which the model does not have "
                           f"(it has: {', '.join(sorted(module_names(model)))})")
     # No peft.prepare_model_for_kbit_training: it upcasts every non-quantized weight (embeddings, norms,
-    # 28M of SmolLM2's 135M) to float32, which autocast then casts back to bf16 at each use: 10% slower
-    # per step and 0.4 GB more here. The weights stay in quantize.compute_dtype, as `trl sft` keeps them;
+    # 28M of SmolLM2's 135M) to float32, which autocast then casts back to bf16 at each use: slower
+    # per step, and more memory. The weights stay in quantize.compute_dtype, as `trl sft` keeps them;
     # the Trainer enables input gradients itself when gradient checkpointing is on.
     train_set = load_split(p.paths.tokenized, "train")
     model.set_attn_implementation(attention(p.train, train_set))
