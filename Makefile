@@ -31,7 +31,8 @@ plots: $(VENV)/.installed
 	python -m tools.report plots $(REVS)
 
 # One page comparing every experiment of the current commit (or only EXPS="a b"): reports/compare.{md,html};
-# each run against REF (default: the baseline commit), paired over the same test examples.
+# each run against REF (default: the baseline commit when the runs share its test set, else the best run
+# of the largest shared test set), paired over the same test examples.
 compare: $(VENV)/.installed
 	python -m tools.report compare $(REVS) $(if $(REF),--ref $(REF)) $(if $(EXPS),--exps $(EXPS)) $(if $(SCREENSHOT),--screenshot $(SCREENSHOT))
 

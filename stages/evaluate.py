@@ -11,7 +11,12 @@
   test never is), the primary one with its interval. Classification: accuracy, macro F1 and `answered`
   (answers that give exactly one allowed label). Generation: exact match, chrF and
   ROUGE-L of the generated answer against the reference, and `answered` (non-empty).
-- Sample predictions (input, expected, base answer, fine-tuned answer) in
+- What decides between runs and what the run cost, in `metrics/scores.json`, the only file
+  declared as DVC metrics (so `dvc exp show` stays readable; `SCORES` lists its keys): val and
+  test loss, the primary task metric on test with its interval, answered, the gain over the base
+  model and its verdict, overfitting, the best val step, and train's tokens/s, peak memory and MFU.
+  Every other figure stays in `metrics/evaluate.json` (and train's in `metrics/train.json`).
+- Sample predictions (input, expected, base answer, fine-tuned answer, each whole) in
   `metrics/predictions.md`; every test example in `metrics/predictions.json` with its
   reference, both answers and each one's scores, so that two runs can be compared
   example by example; for classification, expected vs given label in
@@ -35,6 +40,10 @@ BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metr
 VAL_CURVE = "live/plots/metrics/eval/loss.tsv"  # written by train through dvclive, under paths.metrics
 PARAMS = ["evaluate", "data.labels", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
           "paths.metrics"]
+# metrics/scores.json: what `dvc exp show` lists. {primary}: the task's primary metric (qlora.scoring.PRIMARY).
+SCORES = ["val_loss", "test_loss", "test_{primary}", "test_{primary}_ci_low", "test_{primary}_ci_high", "test_answered",
+          "{primary}_gain", "gain_significant", "overfitting", "best_val_step"]
+COST = ["tokens_per_second", "peak_memory_mb", "mfu"]  # from metrics/train.json
 NO_LABEL = "(no label)"  # in the confusion matrix: an answer that gives no allowed label, or several
 
 
@@ -78,13 +87,21 @@ def headline(metrics, task):
     return ", ".join(f"{name} {metrics[f'test_{name}']} (base {metrics[f'base_test_{name}']})" for name in names)
 
 
+def deciding(metrics, trained, task):
+    """The figures that decide between runs and what the run cost (SCORES, COST): metrics/scores.json."""
+    keys = [k.format(primary=PRIMARY[task]) for k in SCORES]
+    return {**{k: metrics[k] for k in keys}, **{k: trained[k] for k in COST}}
+
+
 def predictions_markdown(rows, metrics, task, count):
-    def cell(text, width=110):
-        text = str(text).replace("|", "\\|").replace("\n", " ")
-        return text if len(text) <= width else text[: width - 1] + "…"
+    def cell(text, width=None):  # answers whole (a cut-off or chatty one is judged here); line breaks as ⏎
+        text = str(text).replace("|", "\\|").replace("\n", "⏎")
+        if not text.strip():
+            return "(empty)"
+        return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
     def shown(row, prefix):
-        answer = cell(row[f"{prefix}answer"], 60)
+        answer = cell(row[f"{prefix}answer"])
         if task == "classification":
             return ("✓ " if row[f"{prefix}correct"] else "") + answer
         return ("✓ " if row[f"{prefix}exact_match"] else "") + f"{answer} (chrF {row[f'{prefix}chrf']:.2f})"
@@ -94,12 +111,13 @@ def predictions_markdown(rows, metrics, task, count):
         "# Sample predictions on test",
         "",
         f"Fine-tuned model: {headline(metrics, task)}. The first {min(count, len(rows))} of {len(rows)} test "
-        f"examples; ✓ marks {mark}.",
+        f"examples; ✓ marks {mark}. Answers are whole (⏎ a line break); inputs are cut at 110 characters "
+        "(metrics/predictions.json has every example whole).",
         "",
         "| input | expected | base answer | fine-tuned answer |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {cell(r['input'])} | {cell(r['expected'], 60)} | {shown(r, 'base_')} | {shown(r, '')} |"
+    lines += [f"| {cell(r['input'], 110)} | {cell(r['expected'])} | {shown(r, 'base_')} | {shown(r, '')} |"
               for r in rows[:count]]
     return "\n".join(lines) + "\n"
 
@@ -174,6 +192,7 @@ def main():
     write_json(metrics_dir / "confusion.json", confusion)
     (metrics_dir / "predictions.md").write_text(predictions_markdown(rows, metrics, task, e.samples))
     write_json(metrics_dir / "evaluate.json", metrics)
+    write_json(metrics_dir / "scores.json", deciding(metrics, trained, task))
     done(f"{task}: {headline(metrics, task)}; gap {metrics['gap']}, "
          f"best val loss {curve['best_val_loss']} at step {curve['best_val_step']}, last {curve['last_val_loss']}"
          f"{' (overfitting)' if curve['overfitting'] else ''}")

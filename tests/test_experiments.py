@@ -17,13 +17,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def exp_rows(project, baseline_commits=False):
-    """{name: (params.yaml data, evaluate.json data)} for every experiment in `dvc exp show`,
+    """{name: (params.yaml data, scores.json data)} for every experiment in `dvc exp show`,
     and for the commits they are based on when `baseline_commits`."""
     rows = {}
 
     def add(name, data):
         rows[name] = (data["params"]["params.yaml"]["data"],
-                      (data["metrics"] or {}).get("metrics/evaluate.json", {}).get("data"))
+                      (data["metrics"] or {}).get("metrics/scores.json", {}).get("data"))
 
     for baseline in json.loads(run(["dvc", "exp", "show", "--json"], project).stdout):
         if baseline_commits and baseline["rev"] != "workspace":
@@ -48,6 +48,18 @@ def test_queued_grid_on_two_workers_runs_every_point_with_its_own_metrics(tiny_p
     grid = {(params["lora"]["r"], float(params["train"]["learning_rate"])) for params, _ in rows.values()}
     assert grid == {(4, 1e-3), (4, 2e-3), (8, 1e-3), (8, 2e-3)}
     assert all(m and "val_loss" in m and "test_accuracy" in m for _, m in rows.values())
+    # What `dvc exp show` lists: only scores.json, a dozen leaves, each the figure of the file it comes from.
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
+    files = {f for b in shown for e in b.get("experiments") or [] for f in e["revs"][0]["data"]["metrics"]}
+    assert files == {"metrics/scores.json"}
+    from stages.evaluate import COST, SCORES
+
+    assert all(set(m) == {k.format(primary="accuracy") for k in SCORES} | set(COST) for _, m in rows.values())
+    one = next(e["revs"][0] for b in shown for e in b.get("experiments") or [])
+    scores = one["data"]["metrics"]["metrics/scores.json"]["data"]
+    for file in ("metrics/evaluate.json", "metrics/train.json"):
+        figures = json.loads(run(["git", "show", f"{one['rev']}:{file}"], p).stdout)
+        assert {k: v for k, v in scores.items() if k in figures} == {k: figures[k] for k in scores if k in figures} != {}
     assert len({m["val_loss"] for _, m in rows.values()}) > 1, "each grid point has its own result"
 
 
@@ -94,20 +106,35 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
 
     # The console table: changed params first, lowest val loss first, test metrics ± the half-width of
     # their interval.
-    console = run([*python, "exps"], p).stdout.splitlines()
+    console = run(["env", "COLUMNS=200", *python, "exps"], p).stdout.splitlines()
     assert console[0].split()[:4] == ["experiment", "lora.r", "val", "loss"]
     assert console[1].split()[:2] == ["★", best], "lowest val loss first"
-    assert all(re.search(r"\d ±0\.\d+ ", line) for line in console[1:]), "test metrics with their interval"
+    assert len([line for line in console if not line.startswith("Left out at ")]) == 1 + 3
+    assert all(re.search(r"\d ±0\.\d+ ", line) for line in console[1:4]), "test metrics with their interval"
     only = run([*python, "exps", "--exps", "small"], p).stdout.splitlines()[1:]
-    assert len(only) == 2 and not any(" large " in line for line in only), "the baseline and the one named"
+    assert len(only) == 1 and only[0].split()[0] == "small", "only the one named"
+    narrow = run(["env", "COLUMNS=80", *python, "exps"], p).stdout.splitlines()
+    assert all(len(line) <= 80 for line in narrow) and narrow[-1].startswith("Left out at 80 columns: ")
+    assert narrow[0].split()[:4] == ["experiment", "lora.r", "val", "loss"], "what changed and what decides stay"
 
     run(["dvc", "exp", "run", "-n", "other-split", "-S", "data.seed=7"], p)
+    run(["dvc", "exp", "run", "-n", "other-split-r16", "-S", "data.seed=7", "-S", "lora.r=16"], p)
     run([*python, "compare", "--ref", "small"], p)
     against = (p / "reports/compare.md").read_text().split("\n## Against ")[1]
     assert against.startswith("small")
     assert re.search(r"\| other-split \|.*not comparable: another test set", against)
     assert "| large | accuracy |" in against and not re.search(r"^\| small \|", against, re.M), \
         "the reference is not compared with itself"
+    # Best is named within a test set only; without --ref, a reference that shares the runs' test set.
+    console = run(["env", "COLUMNS=200", *python, "exps"], p).stdout.splitlines()
+    other = min(("other-split", "other-split-r16"), key=lambda n: exp_rows(p)[n][1]["val_loss"])
+    starred = sorted(line.split()[1] for line in console if line.startswith("★"))
+    assert starred == sorted([best, other]), "the best of each test set, and only those"
+    assert console[0].split()[:3] == ["experiment", "test", "set"] and "Runs on different test sets" in console[-1]
+    run([*python, "compare", "--exps", "other-split", "other-split-r16"], p)
+    report, against = (p / "reports/compare.md").read_text().split("\n## Against ")
+    assert f"Reference for the paired comparison: {other}, the best run by val loss" in report
+    assert "not comparable" not in against and "| accuracy |" in against
     for image in ("compare-loss.png", "compare-learning.png"):
         assert (p / "reports" / image).stat().st_size > 10_000
     assert "<svg" in (p / "reports/compare.html").read_text()
@@ -138,6 +165,14 @@ def test_noise_runs_each_seed_once_and_writes_the_spread(tiny_project):
     assert "| val_loss |" in (p / "reports/noise.md").read_text()
     run(python, p)  # a second call reuses the runs
     assert len([n for n in exp_rows(p) if n.startswith("noise-seed-")]) == 2
+
+
+def test_a_column_has_the_digits_that_tell_its_values_apart():
+    from tools.report import digits_for, with_interval
+
+    assert digits_for([1.9701, 1.9704]) == 5 and digits_for([0.1599, 0.2]) == 4
+    metrics = [dict(val_loss=v) for v in (1.9701, 1.9704)]
+    assert [with_interval(m, "val_loss", digits_for([1.9701, 1.9704])) for m in metrics] == ["1.9701", "1.9704"]
 
 
 def test_a_multi_line_param_and_an_interval_fit_one_cell():

@@ -22,29 +22,32 @@ import tempfile
 from pathlib import Path
 
 REPORTS = Path("reports")
-# The metrics a comparison shows: (file, key, column title). Best run: lowest val loss.
+# The metrics a comparison shows, most telling first: (file, key, column title). The console table keeps
+# as many as the terminal is wide. Best run: lowest val loss. metrics/scores.json is what `dvc exp show`
+# lists; the stages' other figures are plain outputs in git beside it (DETAILS), read at each run's commit.
 KEY_METRICS = [
     ("metrics/evaluate.json", "val_loss", "val loss"),
+    ("metrics/evaluate.json", "test_accuracy", "test acc"),  # classification
+    ("metrics/evaluate.json", "test_chrf", "chrF"),  # generation
+    ("metrics/evaluate.json", "accuracy_gain", "acc vs base"),
+    ("metrics/evaluate.json", "chrf_gain", "chrF vs base"),
+    ("metrics/evaluate.json", "test_answered", "answered"),
+    ("metrics/evaluate.json", "overfitting", "overfitting"),
+    ("metrics/evaluate.json", "best_val_step", "best step"),
+    ("metrics/train.json", "tokens_per_second", "tokens/s"),
+    ("metrics/train.json", "peak_memory_mb", "peak MB"),
+    ("metrics/evaluate.json", "test_loss", "test loss"),
+    ("metrics/evaluate.json", "test_macro_f1", "macro F1"),
+    ("metrics/evaluate.json", "test_exact_match", "exact match"),
+    ("metrics/evaluate.json", "test_rouge_l", "ROUGE-L"),
     ("metrics/evaluate.json", "gap", "gap"),
     ("metrics/evaluate.json", "best_val_loss", "best val"),
-    ("metrics/evaluate.json", "best_val_step", "best step"),
     ("metrics/evaluate.json", "val_loss_rise_pct", "rise %"),
-    ("metrics/evaluate.json", "overfitting", "overfitting"),
-    ("metrics/evaluate.json", "test_loss", "test loss"),
-    ("metrics/evaluate.json", "test_accuracy", "test acc"),  # classification
-    ("metrics/evaluate.json", "test_macro_f1", "macro F1"),
-    ("metrics/evaluate.json", "test_answered", "answered"),
-    ("metrics/evaluate.json", "accuracy_gain", "acc vs base"),
-    ("metrics/evaluate.json", "test_exact_match", "exact match"),  # generation
-    ("metrics/evaluate.json", "test_chrf", "chrF"),
-    ("metrics/evaluate.json", "test_rouge_l", "ROUGE-L"),
-    ("metrics/evaluate.json", "chrf_gain", "chrF vs base"),
     ("metrics/train.json", "steps", "steps"),
     ("metrics/train.json", "stopped_early", "stopped early"),
-    ("metrics/train.json", "tokens_per_second", "tokens/s"),
     ("metrics/train.json", "mfu", "MFU"),
-    ("metrics/train.json", "peak_memory_mb", "peak MB"),
 ]
+DETAILS = ("metrics/evaluate.json", "metrics/train.json")
 BEST_BY = ("metrics/evaluate.json", "val_loss")  # held-out, never the test split
 PREDICTIONS = "metrics/predictions.json"  # per test example: both answers, scores, loss; what pairs two runs
 LOWER_IS_BETTER = {"loss"}
@@ -103,9 +106,42 @@ def flatten(tree, prefix=""):
     return flat
 
 
+def committed(rev, path):
+    """A file as git has it at `rev` (a commit or an experiment's), or None."""
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def details(rev, scored):
+    """Every figure of a run by file (DETAILS): from the workspace, or from git at the run's commit. None for
+    a run that has not finished (queued, running, failed: its commit holds its baseline's files)."""
+    if not scored:
+        return {}
+    found = {}
+    for path in DETAILS:
+        text = (Path(path).read_text() if Path(path).exists() else None) if rev == "workspace" else committed(rev, path)
+        if text:
+            found[path] = json.loads(text)
+    return found
+
+
+def test_set_of(rev):
+    """A short name for the test examples a run was scored on (its predictions), or None: runs are
+    compared, and one named best, only on the same test set."""
+    import hashlib
+
+    text = (Path(PREDICTIONS).read_text() if Path(PREDICTIONS).exists() else None) if rev == "workspace" \
+        else committed(rev, PREDICTIONS)
+    if not text:
+        return None
+    pairs = [(r["input"], r["expected"]) for r in json.loads(text)]
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:8]
+
+
 def experiment_rows(revs=None, names=None, workspace=False):
-    """One row per experiment (and its baseline commit): name, rev, flat params, metrics by file.
-    With `names`, only those experiments (and the commit); with `workspace`, the workspace too
+    """One row per experiment (and its baseline commit): name, rev, flat params, metrics by file (the
+    scores `dvc exp show` lists and the stages' other figures, DETAILS), and the test set it was scored on.
+    With `names`, only those runs (an experiment's or a commit's name); with `workspace`, the workspace too
     when its params or metrics are those of no other row (a `dvc repro` not yet committed)."""
     rows = []
     for baseline in json.loads(dvc("exp", "show", "--json", *(["--rev", *revs] if revs else []))):
@@ -118,18 +154,22 @@ def experiment_rows(revs=None, names=None, workspace=False):
             data = entry.get("data") or {}
             params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
             metrics = {f: (m or {}).get("data", {}) for f, m in (data.get("metrics") or {}).items()}
+            scored = any(metrics.values())
+            metrics.update(details(entry["rev"], scored))
             rows.append(dict(name=name, rev=entry["rev"], params=params, metrics=metrics, commit=is_commit,
-                             status=data.get("status") or "Success"))
+                             status=data.get("status") or "Success",
+                             test_set=test_set_of(entry["rev"]) if scored else None))
     if rows and rows[0]["rev"] == "workspace":
         if any((rows[0]["params"], rows[0]["metrics"]) == (r["params"], r["metrics"]) for r in rows[1:]):
             rows.pop(0)  # the workspace is its commit, or the experiment just run: one row is enough
         else:
             rows[0]["name"] = "workspace"
     if names:
-        rows = [r for r in rows if r["commit"] or r["name"] in names]
-    if names and set(names) - {r["name"] for r in rows}:
-        raise SystemExit(f"no experiment named {', '.join(sorted(set(names) - {r['name'] for r in rows}))} "
-                         "on this commit (dvc exp show lists them)")
+        missing = set(names) - {r["name"] for r in rows}
+        if missing:
+            raise SystemExit(f"no experiment or commit named {', '.join(sorted(missing))} here "
+                             f"(runs: {', '.join(r['name'] for r in rows)}; dvc exp show lists them)")
+        rows = [r for r in rows if r["name"] in names]
     return rows
 
 
@@ -138,56 +178,134 @@ def changed_params(rows):
     return [k for k in keys if len({json.dumps(r["params"].get(k)) for r in rows}) > 1]
 
 
+def val_of(row):
+    value = row["metrics"].get(BEST_BY[0], {}).get(BEST_BY[1])
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def test_sets(rows):
+    """The runs grouped by the test set they were scored on, the largest group first."""
+    groups = {}
+    for r in rows:
+        if r["test_set"] and val_of(r) is not None:
+            groups.setdefault(r["test_set"], []).append(r)
+    return sorted(groups.values(), key=len, reverse=True)
+
+
+def best_rows(rows):
+    """The best run (lowest val loss) of each test set that two or more runs share: only runs scored on the
+    same data and test examples are ranked against each other."""
+    return [min(group, key=val_of) for group in test_sets(rows) if len(group) > 1]
+
+
 def best_row(rows):
-    scored = [r for r in rows if isinstance(r["metrics"].get(BEST_BY[0], {}).get(BEST_BY[1]), (int, float))]
-    return min(scored, key=lambda r: r["metrics"][BEST_BY[0]][BEST_BY[1]]) if scored else None
+    """The best run of the largest test set two or more runs share, or None."""
+    best = best_rows(rows)
+    return best[0] if best else None
 
 
-def cell(value, width=28):
-    """A value as one short line: floats to 4 significant digits, a multi-line param (a prompt
+def cell(value, width=28, digits=4):
+    """A value as one short line: floats to `digits` significant digits, a multi-line param (a prompt
     template) on one line, cut at `width` characters."""
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
     text = "" if value is None else str(value) if not isinstance(value, (list, dict)) else json.dumps(value)
     text = text.replace("\n", "⏎")
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def with_interval(metrics, key):
+def digits_for(values, least=4, most=8):
+    """The fewest significant digits (at least `least`) that keep apart every two different values of a
+    column, so that the order a table is sorted by shows in it."""
+    values = {v for v in values if isinstance(v, float) and math.isfinite(v)}
+    for digits in range(least, most):
+        if len({f"{v:.{digits}g}" for v in values}) == len(values):
+            return digits
+    return most
+
+
+def with_interval(metrics, key, digits=4):
     """A metric as `value ±half-width` of its 95% interval (`<key>_ci_low/high`) when it has one."""
     value = metrics.get(key)
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
     if isinstance(value, (int, float)) and isinstance(low, (int, float)) and isinstance(high, (int, float)):
-        return f"{cell(value)} ±{(high - low) / 2:.2g}"
-    return cell(value)
+        return f"{cell(value, digits=digits)} ±{(high - low) / 2:.2g}"
+    return cell(value, digits=digits)
 
 
-def table(rows, changed, best):
+def test_set_names(rows):
+    """A letter per test set (A, B, ...) in the order the rows meet them, when there are several."""
+    seen = list(dict.fromkeys(r["test_set"] for r in rows if r["test_set"]))
+    return {t: chr(ord("A") + i) for i, t in enumerate(seen)} if len(seen) > 1 else {}
+
+
+def table(rows, changed, best, param_width=28):
+    """(head, body) of the runs: experiment (★ the best of its test set), the test set when there are
+    several, the changed params, then KEY_METRICS a run has, each column to the digits that tell its
+    values apart."""
+    best = best if isinstance(best, list) else [best] if best else []
     shown = [(f, k, title) for f, k, title in KEY_METRICS  # the task's metrics: a column no run has is left out
              if any(k in r["metrics"].get(f, {}) for r in rows)]
-    head = ["experiment", *changed, *(title for _, _, title in shown)]
-    body = [[("★ " if r is best else "") + r["name"], *(cell(r["params"].get(k)) for k in changed),
-             *(with_interval(r["metrics"].get(f, {}), k) for f, k, _ in shown)] for r in rows]
-    return head, body
+    sets = test_set_names(rows)
+    head = ["experiment", *(["test set"] if sets else []), *changed, *(title for _, _, title in shown)]
+    columns = [[("★ " if any(r is b for b in best) else "") + r["name"] for r in rows]]
+    if sets:
+        columns.append([sets.get(r["test_set"], "") for r in rows])
+    columns += [[cell(r["params"].get(k), param_width) for r in rows] for k in changed]
+    for f, k, _ in shown:
+        digits = digits_for([r["metrics"].get(f, {}).get(k) for r in rows])
+        columns.append([with_interval(r["metrics"].get(f, {}), k, digits) for r in rows])
+    return head, [list(row) for row in zip(*columns)]
 
 
 def by_val_loss(rows):
     """Lowest val loss first; runs without one (failed, queued) last."""
-    value = lambda r: r["metrics"].get(BEST_BY[0], {}).get(BEST_BY[1])  # noqa: E731
-    return sorted(rows, key=lambda r: (not isinstance(value(r), (int, float)), value(r) or 0))
+    return sorted(rows, key=lambda r: (val_of(r) is None, val_of(r) or 0))
 
 
-def exps(revs=None, names=None):
+def text_table(head, body):
+    """Columns two spaces apart, numbers right-aligned."""
+    widths = [max(len(x) for x in column) for column in zip(head, *body)]
+    numeric = [all(c[:1].isdigit() or c[:1] == "-" or not c for c in column) for column in zip(*body)] \
+        if body else [False] * len(head)
+    line = lambda row: "  ".join(c.rjust(w) if n else c.ljust(w)  # noqa: E731
+                                 for c, w, n in zip(row, widths, numeric)).rstrip()
+    return "\n".join([line(head), *(line(row) for row in body)])
+
+
+def fitted(head, body, width, keep):
+    """The table without its last columns, one by one, until it fits `width` characters (the first `keep`
+    columns stay); and the titles of the columns left out."""
+    dropped = []
+    while len(head) > keep and max(len(x) for x in text_table(head, body).splitlines()) > width:
+        dropped.insert(0, head[-1])
+        head, body = head[:-1], [row[:-1] for row in body]
+    return head, body, dropped
+
+
+def exps(revs=None, names=None, width=None):
     """The experiments of the current commit (or of REVS) as a console table, lowest val loss first:
     the params that differ between them and the key metrics, each test metric ± the half-width of its
-    95% interval. `dvc exp show` has every column; this has the ones that tell runs apart."""
-    import pandas as pd
+    95% interval, as many as fit the terminal. ★ marks the best run of each test set that several share."""
+    import shutil
 
     rows = by_val_loss(experiment_rows(revs, names, workspace=True))
     if not rows:
         raise SystemExit("exps: no experiments found; run `dvc exp run` first")
-    head, body = table(rows, changed_params(rows), best_row(rows))
-    return pd.DataFrame(body, columns=head).to_string(index=False)
+    width = max(80, width or shutil.get_terminal_size((200, 24)).columns)
+    changed = changed_params(rows)
+    keep = 1 + bool(test_set_names(rows)) + len(changed) + 1  # the name, the test set, what changed, val loss
+    head, body = table(rows, changed, best_rows(rows))
+    if max(len(x) for x in text_table(head, body).splitlines()) > width:
+        head, body = table(rows, changed, best_rows(rows), param_width=16)
+    head, body, dropped = fitted(head, body, width, keep)
+    lines = [text_table(head, body)]
+    if test_set_names(rows):
+        lines.append("Runs on different test sets (data.* or the data changed): ★ marks the best of each set "
+                     "two or more runs share; only runs on one set are ranked against each other.")
+    if dropped:
+        lines.append(f"Left out at {width} columns: {', '.join(dropped)} (a wider terminal, or make compare).")
+    return "\n".join(lines)
 
 
 def markdown_table(head, body):
@@ -292,8 +410,8 @@ def comparisons(rows, ref_name):
 
 def versus_runner_up(rows, best):
     """A sentence: whether the best run (by val loss) is told apart from the runner-up on test, paired."""
-    scored = sorted((r for r in rows if isinstance(r["metrics"].get(BEST_BY[0], {}).get(BEST_BY[1]), (int, float))),
-                    key=lambda r: r["metrics"][BEST_BY[0]][BEST_BY[1]])
+    group = next((g for g in test_sets(rows) if best is not None and any(r is best for r in g)), [])
+    scored = sorted(group, key=val_of)
     if best is None or len(scored) < 2:
         return ""
     runner_up = scored[1]
@@ -383,25 +501,51 @@ def noise_floor(folder=REPORTS):
     return {key.removeprefix("test_"): m["spread"] for key, m in metrics.items() if key != "val_loss"}
 
 
+def reference(rows, ref_name=None):
+    """The run every other is compared with, and why it: `ref_name` if given; else the commit the
+    experiments were run from when another run shares its test set; else the best run of the largest
+    test set that several runs share."""
+    if ref_name:
+        ref = next((r for r in rows if r["name"] == ref_name), None)
+        if ref is None:
+            raise SystemExit(f"compare: no run named {ref_name!r} (runs: {', '.join(r['name'] for r in rows)})")
+        return ref, "as asked (--ref)"
+    commit = next((r for r in rows if r["commit"]), None)
+    if commit and any(r is not commit and r["test_set"] and r["test_set"] == commit["test_set"] for r in rows):
+        return commit, "the commit the experiments were run from"
+    best = best_row(rows)
+    if best is None:
+        return rows[0], "the first run; no two runs share a test set"
+    return best, "the best run by val loss of the runs that share its test set" + (
+        f" ({commit['name']}, the commit, was scored on another one)" if commit else "")
+
+
 def compare(revs, out, ref_name=None, names=None):
     import vl_convert
 
-    rows = experiment_rows(revs, names)
+    rows = by_val_loss(experiment_rows(revs, names))
     if not rows:
         raise SystemExit("compare: no experiments found; run `dvc exp run` first")
     changed = changed_params(rows)
-    best = best_row(rows)
-    head, body = table(rows, changed, best)
+    bests = best_rows(rows)
+    best = bests[0] if bests else None
+    head, body = table(rows, changed, bests)
     specs = curve_specs(rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    summary = (f"{len(rows)} runs. Changed params: {', '.join(changed) or 'none'}. "
-               + (f"★ best: {best['name']} (lowest {BEST_BY[1]} = {best['metrics'][BEST_BY[0]][BEST_BY[1]]}, "
-                  "the held-out split; test is reported, never used to choose)." if best else "No run has metrics yet.")
+    several = len(test_sets(rows)) > 1
+    named = "; ".join(f"{b['name']} (lowest {BEST_BY[1]} = {val_of(b)}" + (f", test set {test_set_names(rows)[b['test_set']]})"
+                                                                         if several else ")") for b in bests)
+    summary = (f"{len(rows)} runs, best first. Changed params: {', '.join(changed) or 'none'}. "
+               + (f"★ best: {named}, by the held-out split; test is reported, never used to choose."
+                  + (" Runs on different test sets are ranked only within their own." if several else "")
+                  if bests else "No two runs with metrics share a test set: none is named best.")
                + versus_runner_up(rows, best))
-    ref_name = ref_name or rows[0]["name"]  # the baseline commit
+    ref, why = reference(rows, ref_name)
+    ref_name = ref["name"]
     pair_head, pair_body = comparisons(rows, ref_name)
+    summary += f" Reference for the paired comparison: {ref_name}, {why}."
     paired = (f"Each run against {ref_name} on the same test examples: the difference of each test metric, "
               "its paired 95% bootstrap interval (2,000 resamples of the examples, both runs scored on the same "
               "ones), and a verdict: better or worse when the interval excludes 0, within noise otherwise.")
@@ -463,7 +607,8 @@ def main(argv=None):
                         help="plots, compare: also a picture of the page, from headless Chromium")
     parser.add_argument("--size", default="1280x1600", help="--screenshot: the window, WIDTHxHEIGHT")
     parser.add_argument("--ref", default=None, help="compare: the run every other is compared with, paired "
-                                                    "(default: the baseline commit)")
+                                                    "(default: the baseline commit when runs share its test "
+                                                    "set, else the best run of the largest shared test set)")
     args = parser.parse_args(argv)
     if args.command == "exps":
         print(exps(args.revs, args.exps))
