@@ -27,6 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stamp import TRAIN_STAGE, UPSTREAM  # noqa: E402
+
+# What the figures depend on (python -m tools.docs): the loading and scoring paths timed, the adapter's training
+CODE = ["benchmarks/bench_eval.py", "qlora/scoring.py", "stages/export.py", *TRAIN_STAGE,
+        *UPSTREAM]
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -77,19 +83,20 @@ def main():
                 print(f"rep {rep} {name:22s} loss pass {middle - start:6.2f} s  generation {end - middle:6.2f} s",
                       flush=True)
 
+    from benchmarks.stamp import stamp
     from qlora.outputs import provenance
 
     ref = times["bf16"]
     rows = {}
     for name, t in times.items():
         loss, gen = statistics.median(t["loss"]), statistics.median(t["generate"])
-        rows[name] = dict(loss_pass_seconds=round(loss, 2), generation_seconds=round(gen, 2),
+        rows[name] = stamp(dict(loss_pass_seconds=round(loss, 2), generation_seconds=round(gen, 2),
                           loss_pass_vs_bf16=round(loss / statistics.median(ref["loss"]), 2),
                           generation_vs_bf16=round(gen / statistics.median(ref["generate"]), 2),
                           loss_pass_runs=[round(x, 2) for x in t["loss"]], generation_runs=[round(x, 2) for x in t["generate"]],
                           val_loss=losses[name],
                           answers_as_bf16=round(sum(a == r for a, r in zip(answers[name], answers["bf16"]))
-                                                / len(answers["bf16"]), 4))
+                                                / len(answers["bf16"]), 4)))
     result = dict(examples=args.examples, reps=args.reps, batch_size=b, max_new_tokens=new,
                   threads=torch.get_num_threads(), models=rows, **provenance())
     out = ROOT / "benchmarks/results/eval-4bit-vs-bf16.json"

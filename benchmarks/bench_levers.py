@@ -5,9 +5,10 @@
 Runs the train stage (stages/train.py, as `dvc repro` runs it) on a scratch copy of
 params.yaml, once per variant and round, the variants in turn within each round so that
 drift on a noisy machine hits all of them: the default, then each lever alone. Writes
-`benchmarks/results/levers.json`: per variant the median of non-padding tokens/s over the
-training steps (evaluations excluded), peak RSS of the process, and the final train loss,
-with every run's figures, the machine, versions, commit and date. docs/levers.md renders
+`benchmarks/results/levers.json`: per variant the median of non-padding tokens/s over its
+whole training loop (bench_train.py's clock, val-loss passes left out), peak RSS of the
+process, and the final train loss, with every run's figures and the variant's machine,
+versions, commit and date. docs/levers.md renders
 its table from that file (make docs). Needs a reproduced project (`make repro`).
 """
 
@@ -22,7 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import ours  # noqa: E402
+from benchmarks.stamp import TRAIN_STAGE, UPSTREAM, stamp  # noqa: E402
 from qlora.outputs import provenance  # noqa: E402
+
+# What the figures depend on (python -m tools.docs): bench_train.py's run of the train stage and its clock
+CODE = ["benchmarks/bench_levers.py", "benchmarks/bench_train.py", "benchmarks/scratch.py",
+        *TRAIN_STAGE, *UPSTREAM]
 
 VARIANTS = {
     "default": [],
@@ -55,7 +61,7 @@ def main():
     variants = {}
     for name, rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_second", "rss_mb", "final_loss")}
-        variants[name] = dict(overrides=VARIANTS[name], runs=rs, **{k: round(v, 4) for k, v in med.items()})
+        variants[name] = stamp(dict(overrides=VARIANTS[name], runs=rs, **{k: round(v, 4) for k, v in med.items()}))
     base = variants["default"]
     for v in variants.values():
         v["speed_vs_default"] = round(v["tokens_per_second"] / base["tokens_per_second"], 3)

@@ -17,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+CODE = ["benchmarks/bench_matmul_dtype.py"]  # torch's matmuls alone (python -m tools.docs)
+
 # (tokens, in, out) of a default batch: 8 examples of about 75 tokens through SmolLM2's attention and MLP
 SHAPES = [(600, 576, 576), (600, 576, 1536), (600, 1536, 576)]
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -33,6 +35,7 @@ def seconds(a, b, reps):
 def main():
     import torch
 
+    from benchmarks.stamp import stamp
     from qlora.outputs import provenance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -48,8 +51,8 @@ def main():
             a = torch.randn(m, k, dtype=getattr(torch, dtype))
             b = torch.randn(k, n, dtype=getattr(torch, dtype))
             times[dtype] = seconds(a, b, args.reps)
-        rows.append(dict(shape=[m, k, n], bf16_s=round(times["bfloat16"], 5), float32_s=round(times["float32"], 5),
-                         bf16_over_float32=round(times["bfloat16"] / times["float32"], 2)))
+        rows.append(stamp(dict(shape=[m, k, n], bf16_s=round(times["bfloat16"], 5), float32_s=round(times["float32"], 5),
+                         bf16_over_float32=round(times["bfloat16"] / times["float32"], 2))))
         print(rows[-1], flush=True)
     result = dict(rows=rows, threads=1, reps=args.reps, cpu_flags={f: f in flags for f in FLAGS}, **provenance())
     out = ROOT / "benchmarks/results/cpu-matmul-dtype.json"

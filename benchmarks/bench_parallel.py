@@ -26,7 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stamp import PIPELINE, command  # noqa: E402
 from qlora.outputs import provenance  # noqa: E402
+
+CODE = ["benchmarks/bench_parallel.py", *PIPELINE]  # what the figures depend on (python -m tools.docs)
 
 
 def sh(args, cwd, env, check=True):
@@ -111,7 +114,7 @@ def main():
             result["unshared_parallel_seconds"], result["unshared_parallel"] = pair(
                 project, unshared, [("unshared-5", 5), ("unshared-6", 6)], args.steps, 2)
             result["unshared_ratio"] = round(result["unshared_parallel_seconds"] / result["serial_seconds"], 3)
-        result.update(provenance(project))
+        result.update(provenance(project), command=command())
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env, capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)

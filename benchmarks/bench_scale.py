@@ -14,7 +14,8 @@ the Debian list: `data.labels: []`, no cap) and measures:
 - evaluation: the loss pass over `--loss-examples` test examples and batched greedy answers to
   `--answers` of them, as seconds per 1,000 test examples, and the scoring of the whole test
   split (task metrics and their bootstrap intervals) on the references as answers.
-Writes `benchmarks/results/scale.json` (with the machine, versions, commit and date) and
+Writes `benchmarks/results/scale.json` (each scale with the machine, versions, commit and date
+of the run that measured it: `--scales` reruns some and keeps the others as they were) and
 `docs/scale.png`; docs/scaling.md renders the table (make docs).
 """
 
@@ -33,7 +34,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stamp import TRAIN_STAGE, command, kept, stamp  # noqa: E402
 from qlora.outputs import provenance  # noqa: E402
+
+# What the figures depend on (python -m tools.docs): DVC over the data stages, the train stage's trainer, scoring
+CODE = ["benchmarks/bench_scale.py", "benchmarks/scratch.py", "dvc.yaml", "params.yaml",
+        "stages/validate.py", "stages/base.py", "stages/prepare.py", "stages/tokenize.py", "qlora/scoring.py",
+        *TRAIN_STAGE]
 
 SCALES = {"1x": 60, "4x": 240, "16x": 960, "all": None}
 ALL_TEMPLATE = "Debian section of this package.\nPackage: {package}\nDescription: {description}"
@@ -177,15 +184,19 @@ def main():
                      train_tokens=tokens.get("train_tokens"))
             s["train_seconds_per_1000"] = train_seconds_per_1000(project, args.steps)
             s.update(evaluation(project, args.loss_examples, args.answers))
-            scales[name] = s
+            # the command that refreshes this row alone
+            scales[name] = stamp(s, project, command([sys.argv[0], "--steps", str(args.steps), "--loss-examples",
+                                                      str(args.loss_examples), "--answers", str(args.answers),
+                                                      "--scales", name]))
             print(name, json.dumps(s), flush=True)
         result = dict(steps=args.steps, loss_examples=args.loss_examples, answers=args.answers, scales=scales,
                       **provenance(project))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     out = ROOT / "benchmarks/results/scale.json"
-    if out.exists() and set(args.scales) != set(SCALES):  # some scales again: the others as they were
-        earlier = json.loads(out.read_text())["scales"]
+    if out.exists() and set(args.scales) != set(SCALES):  # some scales again: the others as they were, each
+        # with its own provenance; the file's commit and date are this run's
+        earlier = kept(json.loads(out.read_text()), "scales")
         result["scales"] = {name: scales.get(name, earlier.get(name)) for name in SCALES
                             if name in scales or name in earlier}
     out.write_text(json.dumps(result, indent=2) + "\n")

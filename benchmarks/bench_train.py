@@ -17,10 +17,14 @@ two differ, a third run, ours with checkpointing every layer as trl sft, gives t
 ratios at the same recompute too (`same_checkpointing` in the results).
 
 Figures per run:
-- non-padding tokens per second of the training steps, each tool counting its own tokens
-  (ours: the Trainer's `include_num_input_tokens_seen: non_padding`; trl sft: SFTTrainer's
-  `num_tokens`, the ones of each batch's attention mask; the trl CLI cannot set the former);
-  ours leaves its val-loss pass out, trl sft has no eval set here;
+- non-padding tokens per second, every tool timed by the same clock: its whole training loop,
+  from before its first step to after its last (the data loading between steps, the logging and
+  the optimizer included), over the tokens it counted in its own batches (SFTTrainer's
+  `num_tokens`, the ones of each batch's attention mask, in all of them). trl sft and Unsloth:
+  the Trainer's `train_runtime`. Ours: the train stage's wall time of `trainer.train()`
+  (train.json `seconds`) less its val-loss passes (the first and the last step's, their
+  `eval_runtime`), which trl sft, with no eval set here, does not make; that wall time also holds
+  the loop's setup (data loader, optimizer), which `train_runtime` leaves out;
 - peak memory: the process's maximum RSS on CPU (its own wait4 rusage); on a GPU the most memory
   torch allocated there, printed at exit by the same hook in both tools (benchmarks/peak_hook);
 - final train loss (the last step's), so that speed is never bought with a broken loss, and the mean
@@ -51,6 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.scratch import write_params  # noqa: E402
+from benchmarks.stamp import TRAIN_STAGE, UPSTREAM, stamp  # noqa: E402
+
+# What the figures depend on: this script, its helpers, the train stage, the outputs it reads (python -m tools.docs)
+CODE = ["benchmarks/bench_train.py", "benchmarks/scratch.py",
+        "benchmarks/peak_hook/sitecustomize.py", "benchmarks/unsloth_sft.py", *TRAIN_STAGE, *UPSTREAM]
 
 
 def run_measured(cmd, cwd, env, log):
@@ -92,8 +101,14 @@ def tail(losses):
     return sum(losses[-n:]) / n
 
 
+def column(tsv):
+    """The values of one dvclive curve (step, value per line)."""
+    return [float(line.split("\t")[1]) for line in tsv.read_text().splitlines()[1:]] if tsv.exists() else []
+
+
 def ours(scratch, steps, overrides):
-    """The train stage on a scratch copy of params, reading the project's outputs in place."""
+    """The train stage on a scratch copy of params, reading the project's outputs in place, timed by its
+    whole training loop: the wall time of `trainer.train()` less its val-loss passes."""
     work = scratch / "ours"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -102,10 +117,11 @@ def ours(scratch, steps, overrides):
     out, wall, rss = run_measured([sys.executable, "-m", "stages.train"], work, child_env(), scratch / "ours.log")
     train = json.loads((work / "metrics/train.json").read_text())
     live = work / "metrics/live/plots/metrics"
-    tokens = float((live / "train/num_input_tokens_seen.tsv").read_text().splitlines()[-1].split("\t")[1])
-    runtime = tokens / train["tokens_per_second"]  # the stage's own training seconds, evaluations excluded
-    losses = [float(line.split("\t")[1]) for line in (live / "train/loss.tsv").read_text().splitlines()[1:]]
+    tokens = column(live / "train/num_tokens.tsv")[-1]  # SFTTrainer's count of its batches, as trl sft's
+    runtime = train["seconds"] - sum(column(live / "eval/runtime.tsv"))  # the loop without its val-loss passes
+    losses = column(live / "train/loss.tsv")
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / train["steps"],
+                loop_seconds=runtime,
                 final_loss=train["final_loss"], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=train["steps"],
                 gpu_peak_mb=peak_cuda_mb(out), trainable_parameters=train["trainable_parameters"])
 
@@ -178,7 +194,7 @@ def trainer_run(cmd, env, log, steps):
     runtime, tokens = last_value(out, "train_runtime"), last_value(out, "num_tokens")
     losses = [float(v) for v in re.findall(r"'loss': '?([-\d.e+]+)'?", out)]
     return dict(tokens=tokens, tokens_per_second=tokens / runtime, step_seconds=runtime / steps,
-                final_loss=losses[-1], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=steps,
+                loop_seconds=runtime, final_loss=losses[-1], tail_loss=tail(losses), wall=wall, rss_mb=rss, steps=steps,
                 gpu_peak_mb=peak_cuda_mb(out))
 
 
@@ -267,10 +283,11 @@ def main():
     tools = {}
     for name, runs in results.items():
         med = {k: None if runs[0][k] is None else round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
-        tools[name] = dict(runs=runs, **med, mfu=round(med["tokens_per_second"] * flops / peak, 4))
+        tools[name] = stamp(dict(runs=runs, **med, mfu=round(med["tokens_per_second"] * flops / peak, 4)))
     o, t = tools["ours"], tools["trl sft"]
     result = dict(
-        steps=args.steps, reps=args.reps, overrides=overrides, pack=args.pack, rows=args.rows, tools=tools,
+        steps=args.steps, reps=args.reps, overrides=overrides, pack=args.pack, rows=args.rows,
+        clock="whole training loop", tools=tools,
         unsloth_speed_ratio=round(o["tokens_per_second"] / tools["unsloth"]["tokens_per_second"], 3)
         if "unsloth" in tools else None,
         model=dict(base=base.name, layers=config.num_hidden_layers, hidden_size=config.hidden_size,

@@ -23,6 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stamp import PIPELINE  # noqa: E402
+
+# What the figures depend on (python -m tools.docs): the workers' search over the pipeline's experiments
+CODE = ["benchmarks/bench_tune_workers.py", "tools/tune.py", "tools/report.py",
+        "tools/pgserver.py", "tune.yaml", *PIPELINE]
+
 STUDY = """\
 study: {study}
 storage: {storage}
@@ -69,6 +75,7 @@ def run_study(name, workers, trials, storage, scratch):
 
 
 def main():
+    from benchmarks.stamp import stamp
     from qlora.outputs import provenance, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -85,6 +92,7 @@ def main():
         one = run_study(f"{args.study}-1w", 1, args.trials, storage, scratch)
     finally:
         sh([sys.executable, "-W", "ignore", "-m", "tools.pgserver", str(scratch / "pg"), "--stop"], ROOT)
+    many, one = stamp(many), stamp(one)  # one command measures both: each study keeps its run's provenance
     result = dict(studies=[many, one], speedup=round(one["process_seconds"] / many["process_seconds"], 3),
                   cores=os.cpu_count(), **provenance())
     write_json(ROOT / "benchmarks/results/tune-workers.json", result)

@@ -4,10 +4,11 @@
 
 Each variant runs as a DVC experiment, `dvc exp run --temp -n variant-<name> -S ... evaluate`
 (train and evaluate; the workspace is left as it is), one after another so that none shares the
-cores. The default row is the committed `make repro` run. PiSSA needs a full-precision base, so
-it is measured on the 16-bit base against plain LoRA on that same base. Writes
-benchmarks/results/lora-variants.json (every figure, machine, versions, commit, date);
-docs/levers.md renders it (make docs).
+cores. The default row is the committed `make repro` run (its commit: the last one of its
+metrics). PiSSA needs a full-precision base, so it is measured on the 16-bit base against plain
+LoRA on that same base. Writes benchmarks/results/lora-variants.json (every figure; each row
+with the machine, versions, commit and date of the run that measured it, `--only` keeping the
+others as they were); docs/levers.md renders it (make docs).
 """
 
 import argparse
@@ -18,6 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.stamp import PIPELINE, command, kept, stamp  # noqa: E402
+
+CODE = ["benchmarks/bench_variants.py", *PIPELINE]  # (python -m tools.docs)
 
 VARIANTS = {
     "dora": ["lora.use_dora=true"],
@@ -40,6 +45,20 @@ def figures(metrics):
     return {key: metrics.get(file, {}).get(key) for file, keys in KEEP.items() for key in keys}
 
 
+def default_row(figures):
+    """The default's row, from the metrics `make repro` wrote, with the provenance of that run: the last
+    commit of those metrics where the workspace has them as committed, else this workspace's HEAD today."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    row = stamp(dict(overrides=[], **figures), command_line="make repro && " + command([sys.argv[0], "--only",
+                                                                                       "default (kaiming)"]))
+    if not git("status", "--porcelain", "--", *KEEP):
+        commit, date = git("log", "-1", "--format=%h %cs", "--", *KEEP).split()
+        row["provenance"].update(commit=commit, date=date)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="variants to (re)run; the others are kept from the results file")
@@ -51,9 +70,9 @@ def main():
     from tools.report import experiment_rows
 
     out = ROOT / "benchmarks/results/lora-variants.json"
-    old = json.loads(out.read_text())["variants"] if out.exists() and args.only else {}
+    old = kept(json.loads(out.read_text()), "variants") if out.exists() and args.only else {}
     default = {f: json.loads((ROOT / f).read_text()) for f in KEEP}
-    variants = {"default (kaiming)": dict(overrides=[], **figures(default))}
+    variants = {"default (kaiming)": default_row(figures(default))}
     for name, overrides in VARIANTS.items():
         if args.only and name not in args.only:
             if name in old:
@@ -70,7 +89,8 @@ def main():
             print(f"bench_variants: {exp} failed: {variants[name]['error']}", flush=True)
             continue
         row = next(r for r in experiment_rows(names=[exp]) if r["name"] == exp)
-        variants[name] = dict(overrides=overrides, experiment=exp, **figures(row["metrics"]))
+        variants[name] = stamp(dict(overrides=overrides, experiment=exp, **figures(row["metrics"])),
+                               command_line=command([sys.argv[0], "--only", name]))
     out.write_text(json.dumps(dict(variants=variants, **provenance()), indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 

@@ -24,8 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stamp import PIPELINE, command  # noqa: E402
 from qlora.outputs import provenance  # noqa: E402
 from qlora.scoring import PER_EXAMPLE, PRIMARY, paired_interval  # noqa: E402
+
+# What the figures depend on (python -m tools.docs): a fresh clone's dvc repro, on the data writing_systems.py makes
+CODE = ["benchmarks/bring_your_model.py", "benchmarks/writing_systems.py", *PIPELINE]
 
 
 def main():
@@ -68,7 +72,7 @@ def main():
                                 [r[PER_EXAMPLE[primary]] for r in rows])
     config = json.loads((project / "models/base/config.json").read_text())
     result = dict(
-        name=args.name, edits=edits, **dict(provenance(), commit=commit),
+        name=args.name, edits=edits, **dict(provenance(), commit=commit), command=command(),
         model_type=config["model_type"], vocab_size=config["vocab_size"],
         parameters=metrics["quantize"]["parameters"], task=task, primary=primary, test_examples=len(rows),
         template=metrics["tokenize"]["template"], system_prompt=metrics["tokenize"]["system_prompt"],

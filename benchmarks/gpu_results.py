@@ -13,11 +13,18 @@ import argparse
 import json
 import re
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks/results"
+
+from benchmarks.stamp import PIPELINE  # noqa: E402
+
+# What gpu-default-pipeline.json's figures depend on (python -m tools.docs): the pipeline as gpu.sh runs it there
+CODE = ["benchmarks/gpu_results.py", "benchmarks/gpu.sh", *PIPELINE]
 
 
 def device(setup_log):
@@ -65,8 +72,9 @@ def main():
                 if m.name in ("metrics/train.json", "metrics/evaluate.json", "metrics/evaluate_base.json",
                               "metrics/quantize.json", "metrics/tokenize.json")}
     evaluate = read["metrics/evaluate.json"]
+    found = device(args.setup_log)
     result = dict(
-        device=device(args.setup_log), date=args.date, commit=args.commit,
+        device=found, date=args.date, commit=args.commit,
         stages=stages(args.pipeline_log),
         train=read["metrics/train.json"],
         evaluate={k: evaluate[k] for k in ("val_loss", "test_loss", "test_loss_ci_low", "test_loss_ci_high",
@@ -75,6 +83,10 @@ def main():
                                            "overfitting")},
         quantize={k: read["metrics/quantize.json"][k] for k in ("memory_footprint_mb", "bits_per_parameter")},
     )
+    result["provenance"] = dict(  # the run's, as every row of a results file has its own
+        commit=args.commit, date=args.date, machine=found["gpu"],
+        versions={k: found[k] for k in ("torch", "transformers", "peft", "trl", "bitsandbytes")},
+        command="bash benchmarks/gpu.sh ci")
     if args.pytest:
         result["pytest"] = pytest_run(args.pytest)
     if args.quantize_8b:

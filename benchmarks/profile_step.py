@@ -21,6 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stamp import TRAIN_STAGE, UPSTREAM  # noqa: E402
+
+CODE = ["benchmarks/profile_step.py", "benchmarks/scratch.py", *TRAIN_STAGE, *UPSTREAM]  # (python -m tools.docs)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -71,6 +75,7 @@ def main():
         trainer.args.eval_on_start = False
         trainer.train()
 
+    from benchmarks.stamp import command
     from qlora.outputs import provenance
 
     sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
@@ -86,7 +91,7 @@ def main():
                   tokens_per_step=round(tokens / total), overrides=args.overrides, time=sort,
                   operators=[dict(name=e.key, seconds=round(getattr(e, sort) / 1e6, 4),
                                   share=round(getattr(e, sort) / whole, 4), calls=e.count) for e in top],
-                  **provenance())
+                  **provenance(), command=command())
     out = ROOT / "benchmarks/results" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -30,7 +30,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stamp import PIPELINE  # noqa: E402
 from qlora.outputs import provenance  # noqa: E402
+
+# What the figures depend on (python -m tools.docs): make repro runs the pipeline, then tools.report exps
+CODE = ["benchmarks/repro.py", "Makefile", "tools/report.py", *PIPELINE]
 
 RESULTS = ROOT / "benchmarks/results"
 STAGE = re.compile(r"Running stage '(\w+)'")

@@ -11,12 +11,29 @@ Two kinds of marker, both HTML comments (GitHub shows only what is rendered betw
   `<!-- = metrics.export.answer_agreement | pct -->98.3%<!-- / -->`.
 The expressions see `metrics` (metrics/*.json), `results` (benchmarks/results/*.json) and
 `reports` (reports/*.json), each by file stem.
+
+`make docs` renders from the files in the workspace; `--check` from those files as git has them
+at HEAD, so that a `make repro` on another CPU, whose metrics differ in their last digits, leaves
+the check as it was: new figures are committed together with the pages they render into.
+
+Every row of a results file (a variant, a scale, a tool's run, ...) carries the commit it was
+measured at (its `provenance`, else its file's), and each file's script declares in `CODE` the
+project files its figures depend on (benchmarks/stamp.py). A row is stale once one of them
+differs from what it was at that commit, comments and docstrings aside; its table then says so
+under it, with the command that refreshes it:
+
+    python -m tools.docs --stale     # every stale row and the command that refreshes it
 """
 
 import argparse
+import ast
+import errno
+import hashlib
 import json
 import re
+import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # where the pages and result files are (a test points it elsewhere)
@@ -25,10 +42,45 @@ FILES = ["README.md", "docs/*.md", "benchmarks/README.md"]
 FOLDERS = dict(metrics="metrics", results="benchmarks/results", reports="reports")
 BLOCK = re.compile(r"(<!-- begin ([\w-]+) \(make docs\) -->\n)(.*?)(<!-- end \2 -->)", re.S)
 INLINE = re.compile(r"(<!-- = (.+?) -->)(.*?)(<!-- / -->)")
+SOURCE = None  # None: render from the workspace's files; a commit: the files under FOLDERS as committed there
+READ = set()  # the files under FOLDERS that the block being rendered read, as "folder/stem"
+CACHE = {}  # what one run has worked out: git objects, fingerprints, stale rows
+
+
+def git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def commit_of(rev):
+    """The full hash of a commit of ROOT's repository, or None where git knows no such commit."""
+    key = ("commit", str(ROOT), rev)
+    if key not in CACHE:
+        CACHE[key] = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}") or None if rev else None
+    return CACHE[key]
+
+
+def shown(commit, path):
+    """The text of `path` at a commit (a full hash), or None where it did not exist there."""
+    key = ("blob", str(ROOT), commit, path)
+    if key not in CACHE:
+        found = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True)
+        CACHE[key] = found.stdout.decode() if found.returncode == 0 else None
+    return CACHE[key]
+
+
+def text_of(relative):
+    """A file under ROOT: from the workspace, or with SOURCE set, under FOLDERS, as committed there."""
+    if SOURCE and any(relative.startswith(folder + "/") for folder in FOLDERS.values()):
+        found = shown(SOURCE, relative)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "not committed", str(ROOT / relative))
+        return found
+    return (ROOT / relative).read_text()
 
 
 def read(name, folder="metrics"):
-    return json.loads((ROOT / folder / f"{name}.json").read_text())
+    READ.add(f"{folder}/{name}")
+    return json.loads(text_of(f"{folder}/{name}.json"))
 
 
 def default_scores():
@@ -169,7 +221,7 @@ def after_repro():
 def console():
     """The console of a fresh `make repro`, as a terminal left it (benchmarks/repro.py)."""
     r = read("repro", "benchmarks/results")
-    log = (ROOT / "benchmarks/results/repro-console.log").read_text().strip("\n")
+    log = text_of("benchmarks/results/repro-console.log").strip("\n")
     return "\n".join([f"`make repro` in a fresh clone, {r['machine']}, {r['date']}:", "", "```text", log, "```"])
 
 
@@ -504,6 +556,179 @@ BLOCKS = {
 }
 
 
+# ---- which rows were measured on code that has changed since ----
+
+Written = namedtuple("Written", "code rows refresh label", defaults=(None,))
+GPU = " on a GPU machine (benchmarks/README.md), then `benchmarks/gpu_results.py` on what it returned"
+# reports/noise.json (python -m tools.report noise): seed experiments of the pipeline, summarised by tools/report.py
+NOISE_CODE = ["tools/report.py", "*PIPELINE"]
+
+
+# Each results file (by folder and stem): the script that writes it and declares its CODE (or a list of the
+# files), where its rows are (None: the file is one record), and the command that refreshes a row.
+RESULTS = {
+    "benchmarks/results/train-vs-trl": Written(
+        "benchmarks/bench_train.py", "tools", ".venv/bin/python benchmarks/bench_train.py --steps 78 --reps 2"),
+    "benchmarks/results/levers": Written(
+        "benchmarks/bench_levers.py", "variants", ".venv/bin/python benchmarks/bench_levers.py --steps 15 --reps 2"),
+    "benchmarks/results/lora-variants": Written(
+        "benchmarks/bench_variants.py", "variants", ".venv/bin/python benchmarks/bench_variants.py --only '{row}'"),
+    "benchmarks/results/scale": Written(
+        "benchmarks/bench_scale.py", "scales", ".venv/bin/python benchmarks/bench_scale.py --scales {row}"),
+    "benchmarks/results/eval-4bit-vs-bf16": Written(
+        "benchmarks/bench_eval.py", "models", ".venv/bin/python benchmarks/bench_eval.py --reps 3 --examples 48"),
+    "benchmarks/results/cpu-matmul-dtype": Written(
+        "benchmarks/bench_matmul_dtype.py", "rows", ".venv/bin/python benchmarks/bench_matmul_dtype.py",
+        lambda r: " x ".join(map(str, r["shape"]))),
+    "benchmarks/results/tune-workers": Written(
+        "benchmarks/bench_tune_workers.py", "studies",
+        ".venv/bin/python benchmarks/bench_tune_workers.py --workers 2 --trials 6", lambda r: r["study"]),
+    "benchmarks/results/profile-step": Written(
+        "benchmarks/profile_step.py", None, ".venv/bin/python benchmarks/profile_step.py --steps 3"),
+    "benchmarks/results/repro": Written("benchmarks/repro.py", None, ".venv/bin/python benchmarks/repro.py"),
+    "benchmarks/results/parallel": Written(
+        "benchmarks/bench_parallel.py", None, ".venv/bin/python benchmarks/bench_parallel.py --steps 12 --unshared"),
+    "benchmarks/results/gemma3-270m-writing-systems": Written(
+        "benchmarks/bring_your_model.py", None, "`.venv/bin/python benchmarks/bring_your_model.py "
+        "gemma3-270m-writing-systems RAW KEY=VALUE ...` with the data and edits its file records (docs/data.md)"),
+    "benchmarks/results/gpu-default-pipeline": Written(
+        "benchmarks/gpu_results.py", None, "`bash benchmarks/gpu.sh ci`" + GPU),
+    "benchmarks/results/gpu-train-vs-trl": Written(
+        ["benchmarks/gpu.sh", "*benchmarks/bench_train.py"], "tools", "`bash benchmarks/gpu.sh default`" + GPU),
+    "benchmarks/results/gpu-llama3-8b-vs-trl": Written(
+        ["benchmarks/gpu.sh", "benchmarks/random_model.py", "*benchmarks/bench_train.py"], "tools",
+        "`bash benchmarks/gpu.sh ci`" + GPU),
+    "reports/noise": Written(NOISE_CODE, None, "make noise"),
+}
+
+
+def shared_lists():
+    """The lists of benchmarks/stamp.py (UPSTREAM, TRAIN_STAGE, PIPELINE), from its source."""
+    tree = ast.parse((ROOT / "benchmarks/stamp.py").read_text())
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.List)}
+
+
+def declared(code):
+    """The files a results file's figures depend on: its script's `CODE` (read from the source, `*NAME`
+    the lists of benchmarks/stamp.py), or a list whose `*NAME` is such a list and `*path` a script's CODE."""
+    shared = shared_lists()
+    if isinstance(code, str):
+        tree = ast.parse((ROOT / code).read_text())
+        value = next((node.value for node in tree.body if isinstance(node, ast.Assign)
+                      and [ast.unparse(t) for t in node.targets] == ["CODE"]), None)
+        if not isinstance(value, ast.List):
+            raise SystemExit(f"{code} declares no CODE = [...]: the files its figures depend on")
+        code = [f"*{ast.unparse(e.value)}" if isinstance(e, ast.Starred) else ast.literal_eval(e) for e in value.elts]
+    files = []
+    for item in code:
+        more = ([item] if not item.startswith("*") else shared[item[1:]] if item[1:] in shared
+                else declared(item[1:]))
+        files += [f for f in more if f not in files]
+    return files
+
+
+def fingerprint(path, text):
+    """What of a file is behaviour: a Python module's syntax tree without its docstrings (comments are not
+    in it), a YAML file's data, another file's lines without comments and blank lines. None: no such file."""
+    if text is None:
+        return None
+    if path.endswith(".py"):
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            return hashlib.sha1(text.encode()).hexdigest()
+        for node in ast.walk(tree):
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+                    and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+                    and isinstance(node.body[0].value.value, str)):
+                node.body = node.body[1:] or [ast.Pass()]
+        kept = ast.dump(tree)
+    elif path.endswith((".yaml", ".yml")):
+        import yaml
+
+        kept = json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
+    else:
+        lines = (re.sub(r"\s+#\s.*$", "", line).rstrip() for line in text.splitlines()
+                 if not line.lstrip().startswith("#"))
+        kept = "\n".join(line for line in lines if line)
+    return hashlib.sha1(kept.encode()).hexdigest()
+
+
+def first_change(commit, path):
+    """None where `path` is in the working tree what it was at `commit` (a full hash), comments and
+    docstrings aside; else the first commit after it that changed that, or "" for the working tree."""
+    key = ("change", str(ROOT), commit, path)
+    if key not in CACHE:
+        then = fingerprint(path, shown(commit, path))
+        now = fingerprint(path, (ROOT / path).read_text() if (ROOT / path).exists() else None)
+        CACHE[key] = None
+        if then != now:
+            later = git("rev-list", "--reverse", "--topo-order", f"{commit}..HEAD", "--", path).split()
+            CACHE[key] = next((c for c in later if fingerprint(path, shown(c, path)) != then), "")
+    return CACHE[key]
+
+
+Stale = namedtuple("Stale", "file row commit date changed path more refresh")
+
+
+def stale_rows(file):
+    """The stale rows of a results file ("folder/stem"), as SOURCE has it; none for a file without
+    an entry in RESULTS or not there."""
+    key = ("stale", str(ROOT), SOURCE, file)
+    if key in CACHE:
+        return CACHE[key]
+    CACHE[key] = []
+    if file not in RESULTS:
+        return []
+    try:
+        data = json.loads(text_of(f"{file}.json"))
+    except FileNotFoundError:
+        return []
+    written = RESULTS[file]
+    code = declared(written.code)
+    order = {c: i for i, c in enumerate(git("rev-list", "--reverse", "--topo-order", "HEAD").split())}
+    found = data[written.rows] if written.rows else {None: data}
+    rows = found.items() if isinstance(found, dict) else ((written.label(r), r) for r in found)
+    for name, record in rows:
+        p = record.get("provenance") or {k: data.get(k) for k in ("commit", "date", "machine", "versions")}
+        refresh = p.get("command") or written.refresh.format(row=name)
+        commit = commit_of(str(p.get("commit") or ""))
+        if commit is None:
+            CACHE[key].append(Stale(file, name, str(p.get("commit")), p.get("date"), None, None, 0, refresh))
+            continue
+        changes = sorted((order.get(c, len(order)) if c else len(order), c, path) for path in code
+                         if (c := first_change(commit, path)) is not None)
+        if changes:
+            _, changed, path = changes[0]
+            CACHE[key].append(Stale(file, name, commit[:7], p.get("date"), changed[:7], path, len(changes) - 1,
+                                    refresh))
+    return CACHE[key]
+
+
+def grouped(stale):
+    """Stale rows with the same commit, first change and refresh command, together."""
+    groups = {}
+    for s in stale:
+        groups.setdefault(s._replace(row=None), []).append(s)
+    return list(groups.values())
+
+
+def stale_note(rows):
+    """One line for rows measured at the same commit: which, when, what changed since, how to refresh them."""
+    s = rows[0]
+    refresh = s.refresh if "`" in s.refresh else f"`{s.refresh}`"
+    when = s.date or "date not recorded"
+    which = ", ".join(f"`{r.row}`" for r in rows if r.row is not None)
+    which = f"{which} measured" if which else "measured"
+    if s.path is None:
+        return f"stale: {which} at a commit not in this repository's history ({s.commit}); refresh: {refresh}"
+    what = f"{s.changed} changed `{s.path}`" if s.changed else f"uncommitted edits to `{s.path}`"
+    more = f" (and {s.more} more of the files it depends on)" if s.more else ""
+    return f"stale: {which} at {s.commit} ({when}), before {what}{more}; refresh: {refresh}"
+
+
 def pct(value, digits=1):
     return f"{100 * value:.{digits}f}%"
 
@@ -518,9 +743,17 @@ def environment():
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
     env.filters.update(pct=pct, times=times, thousands=lambda v: f"{v:,}")
-    context = {name: {path.stem: json.loads(path.read_text()) for path in sorted((ROOT / folder).glob("*.json"))}
+    context = {name: {Path(path).stem: json.loads(text_of(path)) for path in listed(folder)}
                for name, folder in FOLDERS.items()}
     return env, context
+
+
+def listed(folder):
+    """The JSON files of a folder (not of its subfolders), relative to ROOT, from where SOURCE says."""
+    if SOURCE:
+        return sorted(path for path in git("ls-tree", "--name-only", SOURCE, f"{folder}/").splitlines()
+                      if path.endswith(".json"))
+    return [str(path.relative_to(ROOT)) for path in sorted((ROOT / folder).glob("*.json"))]
 
 
 def render(text, where, env=None):
@@ -533,17 +766,31 @@ def render(text, where, env=None):
     def block(m):
         if m.group(2) not in BLOCKS:
             raise SystemExit(f"{where}: no block named {m.group(2)!r} (known: {', '.join(BLOCKS)})")
+        READ.clear()
         try:
-            return m.group(1) + BLOCKS[m.group(2)]() + "\n" + m.group(4)
+            content = BLOCKS[m.group(2)]()
         except FileNotFoundError as e:
+            missing = "is not committed: commit it with the pages" if SOURCE else \
+                "does not exist: run the script that writes it (benchmarks/README.md lists them)"
             raise SystemExit(f"{where}: block {m.group(2)!r} renders {Path(e.filename).relative_to(ROOT)}, which "
-                             "does not exist: run the script that writes it (benchmarks/README.md lists them)")
+                             f"{missing}")
+        notes = [stale_note(rows) for rows in grouped(s for f in sorted(READ) for s in stale_rows(f))]
+        if notes and "\n" in content:  # a table or page: the notes under it
+            content += "\n\n" + "\n".join(f"- {note}" for note in notes)
+        elif notes:  # a sentence: the notes at its end
+            content += " (" + "; ".join(notes) + ")"
+        return m.group(1) + content + "\n" + m.group(4)
 
     def inline(m):
         try:
             value = env.from_string("{{ " + m.group(2) + " }}").render(context)
         except jinja2.TemplateError as e:
             raise SystemExit(f"{where}: cannot render <!-- = {m.group(2)} -->: {e}")
+        read = {f"{FOLDERS[name]}/{stem}" for name, stem in
+                re.findall(r"\b(results|reports)\s*(?:\.|\[\s*['\"])([\w-]+)", m.group(2))}
+        if re.match(r"[-+]?[\d.]", value) and any(stale_rows(f) for f in read):  # a measured figure, not a name;
+            # no commit in prose: --stale names it
+            value += " (stale: `python -m tools.docs --stale`)"
         return m.group(1) + value + m.group(4)
 
     return INLINE.sub(inline, BLOCK.sub(block, text))
@@ -554,9 +801,23 @@ def files():
 
 
 def main(argv=None):
+    global SOURCE
     parser = argparse.ArgumentParser(prog="python -m tools.docs", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="only check that every figure is up to date")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that every figure is that of the files as committed (git HEAD)")
+    parser.add_argument("--stale", action="store_true",
+                        help="list every results row measured on code that has changed since, and its refresh command")
     args = parser.parse_args(argv)
+    CACHE.clear()  # the working tree, HEAD and the results may have changed since the last call
+    SOURCE = None
+    if args.check:
+        SOURCE = commit_of("HEAD")
+        if SOURCE is None:
+            raise SystemExit(f"--check reads the result files as committed, and {ROOT} has no commit")
+    if args.stale:
+        for row in (s for f in RESULTS for s in stale_rows(f)):
+            print(f"{row.file}.json: {stale_note([row])}")
+        return 0
     env = environment()
     stale = []
     for path in files():
