@@ -299,13 +299,15 @@ def exps(revs=None, names=None, width=None):
     if max(len(x) for x in text_table(head, body).splitlines()) > width:
         head, body = table(rows, changed, best_rows(rows), param_width=16)
     head, body, dropped = fitted(head, body, width, keep)
-    lines = [text_table(head, body)]
+    import textwrap
+
+    notes = []
     if test_set_names(rows):
-        lines.append("Runs on different test sets (data.* or the data changed): ★ marks the best of each set "
+        notes.append("Runs on different test sets (data.* or the data changed): ★ marks the best of each set "
                      "two or more runs share; only runs on one set are ranked against each other.")
     if dropped:
-        lines.append(f"Left out at {width} columns: {', '.join(dropped)} (a wider terminal, or make compare).")
-    return "\n".join(lines)
+        notes.append(f"Left out at {width} columns: {', '.join(dropped)} (a wider terminal, or make compare).")
+    return "\n".join([text_table(head, body), *(textwrap.fill(note, width) for note in notes)])
 
 
 def markdown_table(head, body):
