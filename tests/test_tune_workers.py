@@ -221,15 +221,17 @@ def test_a_hopeless_trial_is_pruned_mid_run_and_kept_with_its_curve(tiny_project
     # Pruned where its val loss (reported negated: the objective is maximized) fell behind the first trial's.
     assert hopeless.intermediate_values[step] < good.intermediate_values[step]
     assert step < max(good.intermediate_values), "stopped before the end of its run"
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
-    exps = {e["name"]: e["revs"][0]["data"] for b in shown for e in b.get("experiments") or []}
-    kept = exps["pruned-1"]
-    assert kept["metrics"]["metrics/train.json"]["data"]["pruned"] is True
-    assert kept["metrics"]["metrics/train.json"]["data"]["steps"] == step
-    assert "val_accuracy" in kept["metrics"]["metrics/evaluate.json"]["data"]
-    ref = next(line.split()[0] for line in run(["git", "for-each-ref", "--format=%(objectname) %(refname)",
-                                                "refs/exps"], p).stdout.splitlines() if line.endswith("/pruned-1"))
+    refs = {line.split()[1].rsplit("/", 1)[1]: line.split()[0] for line in run(
+        ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], p).stdout.splitlines()}
+
+    def committed(name, file):  # a stage's figures as the experiment's commit has them
+        return json.loads(run(["git", "show", f"{refs[name]}:metrics/{file}.json"], p).stdout)
+
+    ref = refs["pruned-1"]
+    assert committed("pruned-1", "train")["pruned"] is True
+    assert committed("pruned-1", "train")["steps"] == step
+    assert "val_accuracy" in committed("pruned-1", "evaluate")
     curve = run(["git", "show", f"{ref}:metrics/live/plots/metrics/eval/loss.tsv"], p).stdout.splitlines()
     steps = [int(dict(zip(curve[0].split("\t"), line.split("\t")))["step"]) for line in curve[1:]]
     assert steps[-1] == step, curve  # its val curve, up to where it was stopped
-    assert good.values[0] == exps["pruned-0"]["metrics"]["metrics/evaluate.json"]["data"]["val_accuracy"]
+    assert good.values[0] == committed("pruned-0", "evaluate")["val_accuracy"]
