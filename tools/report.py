@@ -112,6 +112,13 @@ def committed(rev, path):
     return shown.stdout if shown.returncode == 0 else None
 
 
+def text_at(rev, path):
+    """A file of a run: from disk for the workspace, else as git has it at the run's commit; None if absent."""
+    if rev == "workspace":
+        return Path(path).read_text() if Path(path).exists() else None
+    return committed(rev, path)
+
+
 def details(rev, scored):
     """Every figure of a run by file (DETAILS): from the workspace, or from git at the run's commit. None for
     a run that has not finished (queued, running, failed: its commit holds its baseline's files)."""
@@ -119,7 +126,7 @@ def details(rev, scored):
         return {}
     found = {}
     for path in DETAILS:
-        text = (Path(path).read_text() if Path(path).exists() else None) if rev == "workspace" else committed(rev, path)
+        text = text_at(rev, path)
         if text:
             found[path] = json.loads(text)
     return found
@@ -130,8 +137,7 @@ def test_set_of(rev):
     compared, and one named best, only on the same test set."""
     import hashlib
 
-    text = (Path(PREDICTIONS).read_text() if Path(PREDICTIONS).exists() else None) if rev == "workspace" \
-        else committed(rev, PREDICTIONS)
+    text = text_at(rev, PREDICTIONS)
     if not text:
         return None
     pairs = [(r["input"], r["expected"]) for r in json.loads(text)]
