@@ -4,7 +4,8 @@
 
 The default computes in bf16 (quantize.compute_dtype). CPUs with AVX512-BF16 or AMX multiply bf16
 natively; on others torch takes a slow path. One thread, so that another process on the machine
-moves both dtypes alike. Writes `benchmarks/results/cpu-matmul-dtype.json` with the CPU's flags.
+moves both dtypes alike. Writes `benchmarks/results/cpu-matmul-dtype.json`, each row with the CPU's
+flags; the rows of a CPU of the other kind (native bf16 or not) are kept, so the file holds one of each.
 """
 
 import argparse
@@ -22,6 +23,7 @@ CODE = ["benchmarks/bench_matmul_dtype.py"]  # torch's matmuls alone (python -m 
 # (tokens, in, out) of a default batch: 8 examples of about 75 tokens through SmolLM2's attention and MLP
 SHAPES = [(600, 576, 576), (600, 576, 1536), (600, 1536, 576)]
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+NATIVE_BF16 = {"avx512_bf16", "amx_bf16"}  # either one: the CPU multiplies bf16 itself
 
 
 def seconds(a, b, reps):
@@ -44,18 +46,20 @@ def main():
     torch.set_num_threads(1)
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split()) if "flags" in cpuinfo else set()
-    rows = []
+    native = bool(flags & NATIVE_BF16)
+    out = ROOT / "benchmarks/results/cpu-matmul-dtype.json"
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["native_bf16"] != native] if out.exists() else []
     for m, k, n in SHAPES:
         times = {}
         for dtype in ("bfloat16", "float32"):
             a = torch.randn(m, k, dtype=getattr(torch, dtype))
             b = torch.randn(k, n, dtype=getattr(torch, dtype))
             times[dtype] = seconds(a, b, args.reps)
-        rows.append(stamp(dict(shape=[m, k, n], bf16_s=round(times["bfloat16"], 5), float32_s=round(times["float32"], 5),
-                         bf16_over_float32=round(times["bfloat16"] / times["float32"], 2))))
+        rows.append(stamp(dict(shape=[m, k, n], native_bf16=native, cpu_flags={f: f in flags for f in FLAGS},
+                               bf16_s=round(times["bfloat16"], 5), float32_s=round(times["float32"], 5),
+                               bf16_over_float32=round(times["bfloat16"] / times["float32"], 2))))
         print(rows[-1], flush=True)
-    result = dict(rows=rows, threads=1, reps=args.reps, cpu_flags={f: f in flags for f in FLAGS}, **provenance())
-    out = ROOT / "benchmarks/results/cpu-matmul-dtype.json"
+    result = dict(rows=sorted(rows, key=lambda r: r["native_bf16"]), threads=1, reps=args.reps, **provenance())
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -13,6 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+# In the adapter folder, beside the weights: the train stage's figures (metrics/train.json) and its val
+# curve, what the evaluate stage reads of the run; so one changed path, the adapter, carries a run
+# from train to evaluate and export (what `dvc exp show --only-changed` shows as dependency hashes).
+RUN_RECORD = "training.json"
+
 
 def log(message):
     """One line per phase, to stderr so that stdout stays clean for tools."""

@@ -3,9 +3,10 @@
 - Loss and perplexity on a train sample, val and test, measured the same way (the
   train sample is as large as val, so the gap is not a sample-size artefact); the
   gap (val minus train) and ratio (val over train).
-- From the val curve the train stage logged: the best val loss, the step and epoch
-  where it happened, the last one, the rise since the best in percent, and
-  `overfitting` when that rise passes `evaluate.overfitting_rise_pct`.
+- From the val curve the train stage logged (kept in the adapter folder with train's
+  figures, qlora.outputs.RUN_RECORD): the best val loss, the step and epoch where it
+  happened, the last one, the rise since the best in percent, and `overfitting` when
+  that rise passes `evaluate.overfitting_rise_pct`.
 - The task metrics on test, beside the base model's from the evaluate_base stage, and
   the gains (qlora/scoring.py); the same metrics on val (what a search chooses by, since
   test never is), the primary one with its interval. Classification: accuracy, macro F1 and `answered`
@@ -30,20 +31,19 @@ from pathlib import Path
 from qlora import cores
 from qlora.console import done, quiet_known_noise
 from qlora.models import load_model
-from qlora.outputs import log, write_json
+from qlora.outputs import RUN_RECORD, log, write_json
 from qlora.params import load_params
 from qlora.scoring import (PRIMARY, answer_budget, example_losses, generate_answers, interval, loss_summary,
                            metric_samples, resampled, resolve_task, task_scores)
 from qlora.splits import load_format, load_split
 
 BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metrics
-VAL_CURVE = "live/plots/metrics/eval/loss.tsv"  # written by train through dvclive, under paths.metrics
 PARAMS = ["evaluate", "data.labels", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
           "paths.metrics"]
 # metrics/scores.json: what `dvc exp show` lists. {primary}: the task's primary metric (qlora.scoring.PRIMARY).
 SCORES = ["val_loss", "test_loss", "test_{primary}", "test_{primary}_ci_low", "test_{primary}_ci_high", "test_answered",
           "{primary}_gain", "gain_significant", "overfitting", "best_val_step"]
-COST = ["tokens_per_second", "peak_memory_mb", "mfu"]  # from metrics/train.json
+COST = ["tokens_per_second", "peak_memory_mb", "mfu"]  # train's, from the adapter's RUN_RECORD
 NO_LABEL = "(no label)"  # in the confusion matrix: an answer that gives no allowed label, or several
 
 
@@ -53,13 +53,14 @@ def train_sample(train, size):
     return train.select(range(0, step * min(size, len(train)), step))
 
 
-def val_curve_summary(curve_file, steps_per_epoch, rise_threshold_pct):
-    """Best and last val loss of the training curve, and whether the rise since the best is overfitting."""
+def val_curve_summary(points, steps_per_epoch, rise_threshold_pct):
+    """Best and last val loss of the training curve (its points: step, loss), and whether the rise since
+    the best is overfitting."""
     import pandas as pd
 
-    curve = pd.read_csv(curve_file, sep="\t")
+    curve = pd.DataFrame(points, columns=["step", "loss"])
     if curve.empty:
-        raise SystemExit(f"evaluate: {curve_file} has no val loss; did the train stage evaluate?")
+        raise SystemExit("evaluate: the adapter's training record has no val loss; did the train stage evaluate?")
     best, last = curve.loc[curve["loss"].idxmin()], curve.iloc[-1]
     rise = 100 * (last["loss"] - best["loss"]) / best["loss"]
     return dict(
@@ -138,8 +139,8 @@ def main():
     train = train_sample(full_train, len(val))
     base_metrics = json.loads((metrics_dir / "evaluate_base.json").read_text())
     base_rows = json.loads((metrics_dir / BASE_ANSWERS).read_text())
-    trained = json.loads((metrics_dir / "train.json").read_text())
-    curve = val_curve_summary(metrics_dir / VAL_CURVE, trained["steps"] / trained["epochs"], e.overfitting_rise_pct)
+    trained = json.loads((Path(p.paths.adapter) / RUN_RECORD).read_text())
+    curve = val_curve_summary(trained["val_curve"], trained["steps"] / trained["epochs"], e.overfitting_rise_pct)
     model = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
 
     per_example = {name: example_losses(model, split, e.batch_size, desc=f"{name} loss") for name, split in

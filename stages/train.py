@@ -34,11 +34,12 @@ from qlora.console import done, note, progress, quiet_known_noise
 from qlora.lean import keep_less_for_backward
 from qlora.models import (device, fast_lora_dropout, head_grads_upcast_in_slices, load_model, module_names,
                           score_labelled_positions_only)
-from qlora.outputs import atomic_dir, log, write_json
+from qlora.outputs import RUN_RECORD, atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
 from qlora.splits import load_split
 
 LIVE_DIR = "live"  # under paths.metrics: dvclive's curves, declared as plots in dvc.yaml
+VAL_CURVE = "plots/metrics/eval/loss.tsv"  # under LIVE_DIR: the val curve plotted, copied into the adapter's RUN_RECORD
 PARAMS = ["lora", "train", "paths.base", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
           "paths.checkpoints", "paths.metrics"]
 
@@ -671,6 +672,10 @@ def main():
 
     metrics, history = train_metrics(trainer, throughput, seconds, resume, trainable, total, p, pruning)
     write_json(Path(p.paths.metrics) / "train.json", metrics)
+    import pandas as pd
+
+    val = pd.read_csv(live_dir / VAL_CURVE, sep="\t")[["step", "loss"]]  # the curve dvc.yaml plots
+    write_json(Path(p.paths.adapter) / RUN_RECORD, dict(metrics, val_curve=val.to_dict("records")))
     done(f"{metrics['steps']} steps in {seconds:.0f} s ({throughput.training_seconds:.0f} s of them training), "
          f"loss {history[0]:.3f} -> {history[-1]:.3f}, {metrics['tokens_per_second']} tokens/s"
          + (f" (pruned by its study at step {pruning.pruned_at})" if metrics["pruned"] else

@@ -60,10 +60,8 @@ def test_evaluate_reports_overfitting_and_task_metrics(reproduced_project):
     assert table.count("\n| ") == 1 + min(len(rows), 24)  # header + evaluate.samples rows
 
 
-def test_val_curve_summary_flags_a_rise_past_the_threshold(tmp_path):
-    curve = tmp_path / "loss.tsv"
-    pd.DataFrame({"timestamp": range(5), "step": [0, 10, 20, 30, 40],
-                  "loss": [3.0, 2.0, 1.0, 1.04, 1.10]}).to_csv(curve, sep="\t", index=False)
+def test_val_curve_summary_flags_a_rise_past_the_threshold():
+    curve = [dict(step=s, loss=v) for s, v in zip([0, 10, 20, 30, 40], [3.0, 2.0, 1.0, 1.04, 1.10])]
     s = val_curve_summary(curve, steps_per_epoch=20, rise_threshold_pct=5)
     assert (s["best_val_loss"], s["best_val_step"], s["best_val_epoch"]) == (1.0, 20, 1.0)
     assert (s["last_val_loss"], s["last_val_step"], s["val_loss_rise_pct"]) == (1.1, 40, 10.0)

@@ -579,7 +579,7 @@ RESULTS = {
         "benchmarks/bench_eval.py", "models", ".venv/bin/python benchmarks/bench_eval.py --reps 3 --examples 48"),
     "benchmarks/results/cpu-matmul-dtype": Written(
         "benchmarks/bench_matmul_dtype.py", "rows", ".venv/bin/python benchmarks/bench_matmul_dtype.py",
-        lambda r: " x ".join(map(str, r["shape"]))),
+        lambda r: " x ".join(map(str, r["shape"])) + (", native bf16" if r["native_bf16"] else ", no native bf16")),
     "benchmarks/results/tune-workers": Written(
         "benchmarks/bench_tune_workers.py", "studies",
         ".venv/bin/python benchmarks/bench_tune_workers.py --workers 2 --trials 6", lambda r: r["study"]),
