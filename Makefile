@@ -17,7 +17,7 @@ repro: $(VENV)/.installed
 	python -m tools.report exps  # the run's key metrics, test metrics ± their 95% interval
 
 test: $(VENV)/.installed-dev
-	python -m pytest -q tests
+	python -m pytest -q --durations=25 tests  # the slowest tests listed, to keep CI inside its time
 
 install: $(VENV)/.installed
 
