@@ -87,7 +87,8 @@ def disk(project, params):
     outputs["data"] = mb(project / paths["prepared"], apparent=True) + mb(project / paths["tokenized"], apparent=True)
     return dict(project_mb=mb(project), copies_mb=mb(project, apparent=True), outputs_mb=outputs,
                 venv_mb=mb(ROOT / ".venv"), cache_type=subprocess.run(
-                    ["dvc", "config", "cache.type"], cwd=project, capture_output=True, text=True).stdout.strip())
+                    [ROOT / ".venv/bin/dvc", "config", "cache.type"], cwd=project, capture_output=True,
+                    text=True).stdout.strip())
 
 
 def main():
