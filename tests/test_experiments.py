@@ -193,3 +193,18 @@ def test_a_multi_line_param_and_an_interval_fit_one_cell():
                          "test_accuracy") == "0.9062 ±0.057"
     assert with_interval(dict(val_loss=0.1643), "val_loss") == "0.1643"
     assert markdown_table(["a"], [["x\ny|z"]]).splitlines()[-1] == "| x y\\|z |"
+
+
+def test_the_table_is_of_this_commit_when_an_interrupted_exp_run_left_its_baseline_ref(tiny_project):
+    """DVC reads HEAD as refs/exps/exec/EXEC_BASELINE while that ref exists; a `dvc exp run` killed
+    before it removed the ref leaves `dvc exp show` on an older commit. make exps shows this one."""
+    p = tiny_project
+    older = run(["git", "rev-parse", "HEAD"], p).stdout.strip()
+    evaluation = json.loads((p / "metrics/evaluate.json").read_text())
+    (p / "metrics/evaluate.json").write_text(json.dumps(dict(evaluation, val_loss=7.25)))
+    run(["git", "commit", "-qam", "a later commit, told apart by its val loss"], p)
+    run(["git", "update-ref", "refs/exps/exec/EXEC_BASELINE", older], p)
+    assert json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)[1]["rev"] == older, "DVC's own mix-up"
+    shown = run([sys.executable, "-m", "tools.report", "exps"], p)
+    assert "7.25" in shown.stdout and older[:7] not in shown.stdout, "the commit's row, not the older one's"
+    assert f"({older[:7]}) is left by a dvc exp run" in shown.stderr

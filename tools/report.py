@@ -144,13 +144,30 @@ def test_set_of(rev):
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:8]
 
 
+def baselines(revs):
+    """The commits `dvc exp show` is asked for: `revs`, or this commit by its hash. DVC reads the name HEAD
+    as refs/exps/exec/EXEC_BASELINE while that ref exists (a `dvc exp run` in the workspace, or one killed
+    before it removed the ref), and would list that older commit's runs as this one's."""
+    if revs:
+        return list(revs)
+    def rev(name):
+        return subprocess.run(["git", "rev-parse", "-q", "--verify", name], capture_output=True, text=True).stdout.strip()
+    head, left = rev("HEAD"), rev("refs/exps/exec/EXEC_BASELINE")
+    if left and left != head:
+        print(f"note: refs/exps/exec/EXEC_BASELINE ({left[:7]}) is left by a dvc exp run that is running or was "
+              f"interrupted, so DVC reads HEAD as {left[:7]}; this table shows HEAD ({head[:7]}). If no dvc exp run "
+              f"is running, `git update-ref -d refs/exps/exec/EXEC_BASELINE` ends the mix-up.", file=sys.stderr)
+    return [head] if head else []
+
+
 def experiment_rows(revs=None, names=None, workspace=False):
     """One row per experiment (and its baseline commit): name, rev, flat params, metrics by file (the
     scores `dvc exp show` lists and the stages' other figures, DETAILS), and the test set it was scored on.
     With `names`, only those runs (an experiment's or a commit's name); with `workspace`, the workspace too
     when its params or metrics are those of no other row (a `dvc repro` not yet committed)."""
     rows = []
-    for baseline in json.loads(dvc("exp", "show", "--json", *(["--rev", *revs] if revs else []))):
+    asked = baselines(revs)
+    for baseline in json.loads(dvc("exp", "show", "--json", *(["--rev", *asked] if asked else []))):
         if baseline["rev"] == "workspace" and not (workspace and not revs):
             continue
         entries = [(baseline["name"] or baseline["rev"][:7], baseline, True)]
