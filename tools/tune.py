@@ -39,12 +39,12 @@ import yaml
 
 from qlora.params import PARAMS_FILE, ParamsError, parse_params
 from qlora.trial import PRUNERS, STORAGE_ENV, open_storage, retrying
+from tools.report import DETAILS, details
 
 TUNE_FILE = "tune.yaml"
 FOLDER = Path("reports/tune")
 KINDS = ("uniform", "loguniform", "int", "choice")
-EVALUATE = "metrics/evaluate.json"
-TRAIN = "metrics/train.json"
+EVALUATE, TRAIN = DETAILS  # the files a trial's figures come from, as make exps reads them
 # The objectives a study may choose by, all on the val split, and which way is better.
 OBJECTIVES = {"val_loss": "minimize", "best_val_loss": "minimize", "val_perplexity": "minimize",
               "val_accuracy": "maximize", "val_macro_f1": "maximize",  # classification
@@ -244,12 +244,7 @@ def experiment_refs():
 def experiment_metrics(ref):
     """The metrics files of an experiment, read from its git ref: found whatever commit it was run on
     (the branch may have moved on while the search ran)."""
-    metrics = {}
-    for file in (EVALUATE, TRAIN):
-        shown = subprocess.run(["git", "show", f"{ref}:{file}"], capture_output=True, text=True) if ref else None
-        if shown and shown.returncode == 0:
-            metrics[file] = json.loads(shown.stdout)
-    return metrics
+    return details(ref, scored=bool(ref))
 
 
 def clone_id():
