@@ -59,18 +59,18 @@ def pair(project, env, names_seeds, steps, workers):
     train = {}
     for name, _ in names_seeds:
         shown = json.loads(sh(["dvc", "exp", "show", "--json"], project, env, check=False) or "[]")
-        train[name] = find_train_metrics(shown, name)
+        train[name] = find_train_metrics(shown, name, project)
     return round(wall, 1), train
 
 
-def find_train_metrics(shown, name):
-    """metrics/train.json of experiment `name` in `dvc exp show --json`."""
+def find_train_metrics(shown, name, project):
+    """metrics/train.json of experiment `name`, as its commit has it (its rev from `dvc exp show --json`)."""
     def walk(node):
         if isinstance(node, dict):
-            if node.get("name") == name:  # an experiment: its newest rev holds the data
+            if node.get("name") == name:  # an experiment: its newest rev is its commit
                 for rev in [node, *node.get("revs", [])]:
                     if (rev.get("data") or {}).get("metrics"):
-                        return rev["data"]["metrics"]["metrics/train.json"]["data"]
+                        return rev["rev"]
             for value in node.values():
                 found = walk(value)
                 if found:
@@ -82,7 +82,10 @@ def find_train_metrics(shown, name):
                     return found
         return None
 
-    m = walk(shown) or {}
+    rev = walk(shown)
+    text = subprocess.run(["git", "show", f"{rev}:metrics/train.json"], cwd=project, capture_output=True,
+                          text=True).stdout if rev else ""
+    m = json.loads(text) if text else {}
     return {k: m.get(k) for k in ("tokens_per_second", "threads", "seconds", "final_loss", "peak_memory_mb", "mfu")}
 
 
