@@ -263,7 +263,7 @@ class Train:
 @dataclass(frozen=True, config=SCHEMA)
 class Evaluate:
     task: choice(*TASKS)
-    batch_size: PositiveInt
+    batch_size: either(Annotated[int, Field(strict=True, gt=0)], Literal["auto"], what="auto or a positive integer")
     max_new_tokens: either(Annotated[int, Field(strict=True, gt=0)], Literal["auto"], what="auto or a positive integer")
     overfitting_rise_pct: NonNegative
     samples: Annotated[int, must("0 or a positive integer", ge=0)]
@@ -276,6 +276,7 @@ class Export:
     loss_tolerance: PositiveNumber
     metric_tolerance: Annotated[Number, must("in [0, 1]", ge=0, le=1)]
     gguf: choice(*GGUF_TYPES)
+    when: choice("always", "on_demand")
 
 
 @dataclass(frozen=True, config=SCHEMA)

@@ -24,30 +24,109 @@ def pad(sequences, value, side="right"):
     return torch.tensor(rows)
 
 
+def by_length(lengths, batch_size):
+    """Batches of example indices, longest first, so that each batch pads to little more than its own
+    longest example; the callers put every result back in the dataset's order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def auto_batch_size(setting, model, longest, new_tokens=0):
+    """evaluate.batch_size with `auto` resolved for one pass over examples of at most `longest` tokens
+    (plus `new_tokens` generated): as many as half the memory at hand holds (the GPU's free memory, or
+    the machine's available memory on CPU), at about 10 bytes per token per vocabulary entry (the
+    logits in the model's dtype, in float32, and the loss's log-softmax) plus the KV cache and a layer's
+    activations, capped at 64 on a GPU and 16 on CPU (where larger batches do not run faster)."""
+    if setting != "auto":
+        return setting
+    c = model.config.get_text_config()
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = (10 * c.vocab_size + 2 * 2 * c.num_hidden_layers * heads * head_dim
+                 + 8 * (c.hidden_size + getattr(c, "intermediate_size", 4 * c.hidden_size)))
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, cap = torch.cuda.mem_get_info(device)[0], 64
+    else:
+        import psutil
+
+        free, cap = psutil.virtual_memory().available, 16
+    return max(1, min(cap, int(free / 2 // (per_token * (longest + new_tokens)))))
+
+
+def _tail_logits(model, seqs, keep, device):
+    """Float32 logits of the last `keep` positions of each sequence. Left-padded, so that every sequence
+    ends at the last position, with position ids counted from each one's first token, so that padding
+    moves none; the output layer runs on those positions only (transformers' logits_to_keep), which is
+    what a loss over the answer and a check of it read. A model without logits_to_keep gets them cut
+    from the whole."""
+    import inspect
+
+    ids = pad(seqs, 0, side="left").to(device)
+    mask = pad([[1] * len(x) for x in seqs], 0, side="left").to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    else:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -keep:]
+    return out.float()
+
+
+def _diverges(greedy, first, answer):
+    """The first answer position where the greedy next token (`greedy`: the argmax at each position, of
+    which `first` predicts the answer's first token) is not the answer's own, or None."""
+    predicted = greedy[first : first + len(answer)]
+    return next((i for i, (p, t) in enumerate(zip(predicted, answer)) if p != t), None)
+
+
 @torch.no_grad()
 def example_losses(model, dataset, batch_size, desc=None):
     """Per example: the summed cross-entropy of its completion tokens (the prompt is masked), and how
-    many tokens that is. `desc` names the progress bar (none without)."""
+    many tokens that is. `desc` names the progress bar (none without). `batch_size` may be auto."""
+    sums, counts, _ = losses_and_divergence(model, dataset, None, batch_size, desc)
+    return sums, counts
+
+
+@torch.no_grad()
+def losses_and_divergence(model, dataset, answer_ids, batch_size, desc=None):
+    """example_losses, and with `answer_ids` (another model's greedy answers, stop tokens included) each
+    one's first_divergence, from one forward pass where they can share it: an answer that is the start
+    of the example's own completion is checked on the logits of the loss pass (a causal model's logits
+    at a position depend on the tokens up to it only); the other answers get a pass of their own."""
     model.eval()
     device = next(model.parameters()).device
-    sums, counts = [], []
-    bar = progress(len(dataset), desc, unit="ex")
-    for start in range(0, len(dataset), batch_size):
+    n = len(dataset)
+    rows = dataset.select_columns(["input_ids", "labels", "prompt_length"])[:]
+    seqs, labels, lengths = rows["input_ids"], rows["labels"], rows["prompt_length"]
+    # Where each example's loss starts: its first label (the prompt is masked, so never before prompt_length).
+    starts = [min(lengths[i], next((j for j, t in enumerate(labels[i]) if t != IGNORE_INDEX), lengths[i]))
+              for i in range(n)]
+    size = auto_batch_size(batch_size, model, max(map(len, seqs)))
+    sums, counts, firsts = [None] * n, [None] * n, [None] * n
+    shared = [answer_ids is not None and list(a) == seqs[i][lengths[i] : lengths[i] + len(a)]
+              for i, a in enumerate(answer_ids or [None] * n)]
+    bar = progress(n, desc, unit="ex")
+    for batch in by_length([len(s) for s in seqs], size):
         rebalance()
-        batch = dataset[start : start + batch_size]
-        ids = pad(batch["input_ids"], 0).to(device)
-        labels = pad(batch["labels"], IGNORE_INDEX).to(device)
-        mask = pad([[1] * len(x) for x in batch["input_ids"]], 0).to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        sums += loss.sum(dim=1).tolist()
-        counts += (targets != IGNORE_INDEX).sum(dim=1).tolist()
-        bar.update(len(ids))
+        keep = max(2, max(len(seqs[i]) - starts[i] + 1 for i in batch))  # from the position before the first label
+        logits = _tail_logits(model, [seqs[i] for i in batch], keep, device)
+        targets = pad([labels[i] for i in batch], IGNORE_INDEX, side="left")[:, -(keep - 1):].to(device)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                                 reduction="none")
+        for i, s, c in zip(batch, loss.sum(dim=1).tolist(), (targets != IGNORE_INDEX).sum(dim=1).tolist()):
+            sums[i], counts[i] = s, c
+        greedy = logits.argmax(-1).tolist()
+        for i, row in zip(batch, greedy):
+            if shared[i]:  # kept position k - len + j is the sequence's position j
+                firsts[i] = _diverges(row, keep - len(seqs[i]) + lengths[i] - 1, answer_ids[i])
+        bar.update(len(batch))
     bar.close()
-    return sums, counts
+    rest = [i for i in range(n) if answer_ids is not None and not shared[i]]
+    if rest:
+        for i, j in zip(rest, first_divergence(model, dataset.select(rest), [answer_ids[i] for i in rest], size)):
+            firsts[i] = j
+    return sums, counts, (firsts if answer_ids is not None else None)
 
 
 def loss_summary(sums, counts):
@@ -61,30 +140,93 @@ def completion_loss(model, dataset, batch_size, desc=None):
     return loss_summary(*example_losses(model, dataset, batch_size, desc))
 
 
+def cut_at_stop(ids, stop_ids, budget=None):
+    """A generated answer's ids up to and including its first stop token, at most `budget` of them."""
+    ids = list(ids)[:budget]
+    return next((ids[: i + 1] for i, t in enumerate(ids) if t in stop_ids), ids)
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, stop_ids, desc=None):
-    """Greedy answers to each prompt (left-padded batches, KV cache on), decoded and stripped. Generation
-    stops at `stop_ids`, the tokens that end an answer in the tokenized format (qlora.splits.load_format).
-    `desc` names the progress bar (none without)."""
+def generate_answer_ids(model, tokenizer, dataset, batch_size, max_new_tokens, stop_ids, desc=None, prefixes=None):
+    """Greedy answers to each prompt as token ids (left-padded batches of similar length, KV cache on),
+    each up to and including the first of `stop_ids`, the tokens that end an answer in the tokenized
+    format (qlora.splits.load_format), and at most `max_new_tokens` long. With `prefixes` (per example,
+    ids the answer starts with), generation continues from them and the answer includes them. `desc`
+    names the progress bar (none without). `batch_size` may be auto."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    bar = progress(len(dataset), desc, unit="ex")
-    for start in range(0, len(dataset), batch_size):
+    prefixes = prefixes or [[] for _ in range(len(dataset))]
+    rows = dataset.select_columns(["input_ids", "prompt_length"])[:]
+    prompts = [ids[:n] + list(a) for ids, n, a in zip(rows["input_ids"], rows["prompt_length"], prefixes)]
+    size = auto_batch_size(batch_size, model, max(map(len, prompts), default=1), max_new_tokens)
+    answers = [None] * len(prompts)
+    bar = progress(len(prompts), desc, unit="ex")
+    for batch in by_length([len(x) for x in prompts], size):
         rebalance()
-        batch = dataset[start : start + batch_size]
-        prompts = [ids[:n] for ids, n in zip(batch["input_ids"], batch["prompt_length"])]
-        ids = pad(prompts, pad_id, side="left").to(device)
-        mask = pad([[1] * len(x) for x in prompts], 0, side="left").to(device)
+        ids = pad([prompts[i] for i in batch], pad_id, side="left").to(device)
+        mask = pad([[1] * len(prompts[i]) for i in batch], 0, side="left").to(device)
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True,
-        )
-        answers += [a.strip() for a in tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
-        bar.update(len(prompts))
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens - min(len(prefixes[i]) for i in batch),
+            do_sample=False, pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True,
+        )  # a greedy answer does not depend on how long the others in its batch run: each is cut to its own budget
+        for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
+            answers[i] = cut_at_stop(list(prefixes[i]) + row, stop_ids, max_new_tokens)
+        bar.update(len(batch))
     bar.close()
     return answers
+
+
+def decode_answers(tokenizer, answer_ids):
+    """Answers as text: decoded without special tokens, stripped."""
+    return [a.strip() for a in tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
+
+
+def generate_answers(model, tokenizer, dataset, batch_size, max_new_tokens, stop_ids, desc=None):
+    """Greedy answers to each prompt as text (generate_answer_ids, decoded)."""
+    return decode_answers(tokenizer, generate_answer_ids(model, tokenizer, dataset, batch_size, max_new_tokens,
+                                                         stop_ids, desc))
+
+
+@torch.no_grad()
+def first_divergence(model, dataset, answer_ids, batch_size, desc=None):
+    """Per example, the first position of `answer_ids` (another model's greedy answer, its stop token
+    included) where this model's greedy next token differs, or None where it never does, which is
+    exactly when this model's greedy answer is the same. One forward pass over each prompt and answer
+    (teacher forcing): the argmax at every answer position against the answer's own next token."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows = dataset.select_columns(["input_ids", "prompt_length"])[:]
+    seqs = [ids[:n] + list(a) for ids, n, a in zip(rows["input_ids"], rows["prompt_length"], answer_ids)]
+    firsts = [None] * len(seqs)
+    bar = progress(len(seqs), desc, unit="ex")
+    for batch in by_length([len(x) for x in seqs], auto_batch_size(batch_size, model, max(map(len, seqs), default=1))):
+        rebalance()
+        keep = max(len(answer_ids[i]) for i in batch) + 1  # from the position before each answer
+        greedy = _tail_logits(model, [seqs[i] for i in batch], keep, device).argmax(-1).tolist()
+        for i, row in zip(batch, greedy):
+            firsts[i] = _diverges(row, keep - len(answer_ids[i]) - 1, answer_ids[i])
+        bar.update(len(batch))
+    bar.close()
+    return firsts
+
+
+def greedy_answers_like(model, tokenizer, dataset, answer_ids, batch_size, max_new_tokens, stop_ids, desc=None):
+    """This model's greedy answer ids, decided against another model's (`answer_ids`), with its completion
+    losses: one teacher-forced pass finds where the answers are the same (losses_and_divergence, which
+    shares the loss pass where it can); generation runs only for the others, from the first position that
+    differs. Returns the answers, each one's first differing position (None: the same), and the loss sums
+    and token counts of example_losses."""
+    sums, counts, firsts = losses_and_divergence(model, dataset, answer_ids, batch_size, desc=desc and f"{desc}, checked")
+    differ = [i for i, j in enumerate(firsts) if j is not None]
+    answers = [list(a) for a in answer_ids]
+    if differ:
+        regenerated = generate_answer_ids(model, tokenizer, dataset.select(differ), batch_size, max_new_tokens,
+                                          stop_ids, desc=desc and f"{desc}, regenerated",
+                                          prefixes=[answer_ids[i][: firsts[i]] for i in differ])
+        for i, ids in zip(differ, regenerated):
+            answers[i] = ids
+    return answers, firsts, (sums, counts)
 
 
 TASKS = ("classification", "generation")

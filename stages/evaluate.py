@@ -33,8 +33,9 @@ from qlora.console import done, quiet_known_noise
 from qlora.models import load_model
 from qlora.outputs import RUN_RECORD, log, write_json
 from qlora.params import load_params
-from qlora.scoring import (PRIMARY, answer_budget, example_losses, generate_answers, interval, loss_summary,
-                           metric_samples, resampled, resolve_task, task_scores)
+from qlora.scoring import (PRIMARY, answer_budget, decode_answers, example_losses, generate_answer_ids,
+                           generate_answers, interval, loss_summary, metric_samples, resampled, resolve_task,
+                           task_scores)
 from qlora.splits import load_format, load_split
 
 BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metrics
@@ -148,7 +149,8 @@ def main():
     losses = {name: loss_summary(*sums_counts) for name, sums_counts in per_example.items()}
     log("loss " + ", ".join(f"{name} {v['loss']}" for name, v in losses.items()))
     budget, stop_ids = answer_budget(e.max_new_tokens, full_train), load_format(p.paths.tokenized)["stop_token_ids"]
-    answers = generate_answers(model, tokenizer, test, e.batch_size, budget, stop_ids, desc="test answers")
+    answer_ids = generate_answer_ids(model, tokenizer, test, e.batch_size, budget, stop_ids, desc="test answers")
+    answers = decode_answers(tokenizer, answer_ids)
     scores, scored = task_scores(task, answers, test["completion"], p.data.labels)
     # The task metric on val too: what a search may choose by (test never is).
     val_answers = generate_answers(model, tokenizer, val, e.batch_size, budget, stop_ids, desc="val answers")
@@ -184,9 +186,10 @@ def main():
     metrics["gain_significant"] = low > 0 or high < 0  # the primary metric's paired interval excludes 0
 
     rows = [dict(input=i, expected=x, base_answer=b["answer"], answer=a,
-                 **{f"base_{k}": v for k, v in b.items() if k != "answer"}, **s, loss_sum=round(ls, 5), tokens=n)
-            for i, x, b, a, s, ls, n in zip(shown_inputs(test["prompt"]), test["completion"], base_rows, answers,
-                                            scored, *per_example["test"])]
+                 **{f"base_{k}": v for k, v in b.items() if k != "answer"}, **s, loss_sum=round(ls, 5), tokens=n,
+                 answer_ids=ids)  # what export's check holds a model's greedy answers to (qlora.scoring.greedy_answers_like)
+            for i, x, b, a, s, ls, n, ids in zip(shown_inputs(test["prompt"]), test["completion"], base_rows, answers,
+                                                 scored, *per_example["test"], answer_ids)]
     confusion = [dict(expected=r["expected"], label=r["label"] or NO_LABEL) for r in rows] \
         if task == "classification" else []
     write_json(metrics_dir / "predictions.json", rows)

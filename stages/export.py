@@ -17,7 +17,9 @@ Checked on held-out test examples and written to metrics/export.json:
   generation), of the exported model on the whole test split beside the adapter's from the
   evaluate stage, with the paired 95% bootstrap interval of their difference over the test
   examples, and `answer_agreement`: the share of its greedy answers identical to the
-  adapter's (metrics/predictions.json).
+  adapter's (metrics/predictions.json). Those answers are not all generated again: one
+  teacher-forced pass over the adapter's answer tokens finds the ones the model gives token
+  for token, and only the others (`answers_regenerated`) are generated, from where they differ.
 The stage fails, writing nothing, when the test loss differs from the adapter's by more than
 `export.loss_tolerance`, or the task metric by more than `export.metric_tolerance` with an
 interval that excludes 0; the message gives the figures. The model card (README.md) records the base model, data version,
@@ -27,6 +29,7 @@ params and metrics.
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -36,8 +39,8 @@ from qlora.console import done, quiet_known_noise
 from qlora.models import is_quantized, load_model
 from qlora.outputs import atomic_dir, write_json
 from qlora.params import load_params
-from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, completion_loss, generate_answers, loss_summary,
-                           paired_interval, resolve_task, task_scores)
+from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, decode_answers, greedy_answers_like,
+                           loss_summary, paired_interval, resolve_task, task_scores)
 from qlora.splits import load_format, load_split
 
 PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
@@ -64,15 +67,25 @@ def dequantized(path):
     return model
 
 
-def logits(model, examples):
+def logits(model, examples, batch_size):
     """Each example's logits in float32 on the CPU: the model as trained runs where it was loaded (the
-    GPU, when there is one) and the merged float32 copy on the CPU, and they are compared there."""
+    GPU, when there is one) and the merged float32 copy on the CPU, and they are compared there.
+    Right-padded batches of `evaluate.batch_size` (causal: padding after an example leaves its logits be)."""
     import torch
+
+    from qlora.scoring import auto_batch_size, pad
 
     model.eval()
     device = next(model.parameters()).device
+    size = auto_batch_size(batch_size, model, max(map(len, examples)))
+    out = []
     with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in examples]
+        for start in range(0, len(examples), size):
+            batch = examples[start : start + size]
+            mask = pad([[1] * len(ids) for ids in batch], 0).to(device)
+            rows = model(input_ids=pad(batch, 0).to(device), attention_mask=mask).logits.float().cpu()
+            out += [row[: len(ids)] for row, ids in zip(rows, batch)]
+    return out
 
 
 def compare(outputs, references):
@@ -116,18 +129,25 @@ def adapter_scores(predictions, primary):
 
 def against_adapter(model, tokenizer, test, p, predictions):
     """The model's test loss, greedy answers and task metric on the whole test split, beside the adapter's
-    from the evaluate stage, with the paired 95% interval of the metric's difference."""
+    from the evaluate stage, with the paired 95% interval of the metric's difference. Its greedy answers
+    are decided against the adapter's by one teacher-forced pass, and generated only where they differ,
+    from the first token that does (qlora.scoring.greedy_answers_like): the same answers as generating
+    them all, at the cost of the loss pass, which the check shares wherever the adapter's answer is
+    the reference's."""
     e = p.evaluate
     task = resolve_task(e.task, p.data.labels)
     budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
     stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
-    answers = generate_answers(model, tokenizer, test, e.batch_size, budget, stop_ids, desc="test answers")
+    answer_ids, firsts, losses = greedy_answers_like(model, tokenizer, test, [r["answer_ids"] for r in predictions],
+                                                     e.batch_size, budget, stop_ids, desc="test answers")
+    answers = decode_answers(tokenizer, answer_ids)
     scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
     primary = PRIMARY[task]
     low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in predictions], [r[PER_EXAMPLE[primary]] for r in rows])
     return primary, dict(
         answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, predictions)) / len(answers), 4),
-        test_loss=completion_loss(model, test, e.batch_size, desc="test loss")["loss"],
+        answers_regenerated=sum(j is not None for j in firsts),  # the rest were the adapter's, token for token
+        test_loss=loss_summary(*losses)["loss"],
         **{f"test_{primary}": scores[primary]},
         **{f"{primary}_diff_ci_low": low, f"{primary}_diff_ci_high": high},  # export minus adapter, paired
     )
@@ -147,16 +167,25 @@ def converter():
     return folder
 
 
-def write_gguf(folder, kind):
+def source_gguf(b):
+    """The GGUF file the base model was read from (base.source bundled or gguf), or None."""
+    from stages.base import BUNDLED_GGUF, bundled_dir
+
+    return {"bundled": lambda: bundled_dir() / BUNDLED_GGUF, "gguf": lambda: Path(b.path)}.get(b.source, lambda: None)()
+
+
+def write_gguf(folder, kind, source=None):
     """models/export/model.<kind>.gguf from the merged model and tokenizer in `folder`, by llama.cpp's
-    converter in a process of its own (its gguf module first on the path, apart from this one's)."""
+    converter in a process of its own (its gguf module first on the path, apart from this one's). With
+    `source`, the GGUF the base was read from, its tokenizer is carried over (qlora/gguf_convert.py).
+    It runs after the merged model's check, not beside it: on CPU the two would share its cores."""
     import subprocess
 
     tool = converter()
     out = folder / f"model.{kind}.gguf"
-    result = subprocess.run([sys.executable, str(tool / "convert_hf_to_gguf.py"), str(folder), "--outtype", kind,
-                             "--outfile", str(out)], capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(tool)))
+    script = ["-m", "qlora.gguf_convert", str(source)] if source else [str(tool / "convert_hf_to_gguf.py")]
+    result = subprocess.run([sys.executable, *script, str(folder), "--outtype", kind, "--outfile", str(out)],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tool)))
     if result.returncode:
         raise SystemExit(f"export: llama.cpp's converter could not write {out.name} (export.gguf {kind}), so nothing "
                          f"was exported. export.gguf: none exports the merged model without a GGUF file. The "
@@ -164,11 +193,38 @@ def write_gguf(folder, kind):
     return out
 
 
+@contextmanager
+def one_gguf_read(path):
+    """Within this block every gguf.GGUFReader of `path` is one and the same (read-only, memory-mapped), and
+    so is each gguf.get_tensor_name_map: transformers parses a GGUF file's metadata anew for the config, the
+    weights and the tokenizer (seconds each for a vocabulary of tens of thousands of tokens), and builds the
+    name map once per module of the model. It imports both from gguf at each call
+    (modeling_gguf_pytorch_utils); the list yielded gets the file of every reader asked for."""
+    import functools
+
+    import gguf
+
+    original, name_map, cache, asked = gguf.GGUFReader, gguf.get_tensor_name_map, {}, []
+
+    def reader(file, *args, **kwargs):
+        key = (str(Path(file).resolve()), args, tuple(sorted(kwargs.items())))
+        asked.append(key[0])
+        if key not in cache:
+            cache[key] = original(file, *args, **kwargs)
+        return cache[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
+    try:
+        yield asked
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original, name_map
+
+
 def gguf_metadata(path):
     """The GGUF's architecture, chat template and tensor types, read with the pinned gguf module."""
-    from gguf import GGUFReader
+    import gguf
 
-    reader = GGUFReader(path)
+    reader = gguf.GGUFReader(path)
 
     def text(key):
         field = reader.fields.get(key)
@@ -180,25 +236,29 @@ def gguf_metadata(path):
                 tensor_types=types, add_bos_token=bool(add_bos.parts[add_bos.data[0]][0]) if add_bos else False)
 
 
-def load_gguf(path):
-    """The model and tokenizer as transformers reads them back from the GGUF file alone (dequantized)."""
+def load_gguf(path, dtype=None):
+    """The model (dequantized to `dtype`, in export: export.dtype, as the merged model was checked; float32
+    without), the tokenizer and the metadata, as transformers and gguf read them back from the GGUF file
+    alone, which is parsed once (one_gguf_read)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with one_gguf_read(path):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
+        return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), gguf_metadata(path)
 
 
 def check_gguf(path, p, reference, examples, test, adapter, predictions, tokenizer):
     """The GGUF against the quantized base + adapter: logits on the check examples, and test loss, answers
     and task metric on the whole test split. Returns those figures (keys prefixed gguf_) and the file's
     metadata; raises when they are out of tolerance."""
-    model, gguf_tokenizer = load_gguf(path)
-    meta = gguf_metadata(path)
+    import torch
+
+    model, gguf_tokenizer, meta = load_gguf(path, getattr(torch, p.export.dtype))
     if gguf_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SystemExit(f"export: the vocabulary inside {path.name} differs from the tokenizer's; nothing was exported")
     primary, scores = against_adapter(model, tokenizer, test, p, predictions)
-    check = {f"gguf_{k}": v for k, v in dict(**compare(logits(model, examples), reference), **scores).items()}
+    check = {f"gguf_{k}": v for k, v in dict(**compare(logits(model, examples, p.evaluate.batch_size), reference), **scores).items()}
     check.update(gguf_file=path.name, gguf_type=p.export.gguf, gguf_mb=round(path.stat().st_size / 2**20, 1),
                  gguf_chat_template=meta["chat_template"] is not None,
                  **{f"adapter_{k}": v for k, v in adapter.items()})
@@ -286,6 +346,17 @@ def model_card(p, base_config, version, params, adapter, check):
     ])
 
 
+def skip(p):
+    """export.when: on_demand: no model is loaded; the export folder holds only a note saying how to export."""
+    with atomic_dir(p.paths.export) as out:
+        (out / "README.md").write_text(
+            "# Not exported\n\nThis run set `export.when: on_demand`, so the export stage wrote only this note. "
+            "To export it: `dvc exp apply <experiment>` (or check out its commit), then "
+            "`dvc exp run -S export.when=always`; only the export stage runs.\n")
+    write_json(Path(p.paths.metrics) / "export.json", dict(exported=False, when="on_demand"))
+    done("not exported (export.when: on_demand); dvc exp run -S export.when=always exports this run")
+
+
 def main():
     quiet_known_noise()  # before bitsandbytes is imported
     cores.claim()  # its share of the cores, with other stages running at once
@@ -294,6 +365,8 @@ def main():
     from transformers import AutoTokenizer
 
     p = load_params(PARAMS)
+    if p.export.when == "on_demand":
+        return skip(p)
     dtype = getattr(torch, p.export.dtype)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     test = load_split(p.paths.tokenized, "test")
@@ -303,13 +376,13 @@ def main():
     adapter = adapter_scores(predictions, PRIMARY[resolve_task(p.evaluate.task, p.data.labels)])
 
     trained = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
-    reference = logits(trained, examples)  # the model as trained and evaluated
+    reference = logits(trained, examples, p.evaluate.batch_size)  # the model as trained and evaluated
     del trained
 
     model = PeftModel.from_pretrained(dequantized(p.paths.quantized), p.paths.adapter)
-    unmerged = logits(model, examples)
+    unmerged = logits(model, examples, p.evaluate.batch_size)
     model = model.merge_and_unload()
-    merge_error = max((m - u).abs().max().item() for m, u in zip(logits(model, examples), unmerged))
+    merge_error = max((m - u).abs().max().item() for m, u in zip(logits(model, examples, p.evaluate.batch_size), unmerged))
     model = model.to(dtype)
     model.config.dtype = dtype
     floor = compare(unmerged, reference)
@@ -317,27 +390,27 @@ def main():
                  merge_max_abs_diff=round(merge_error, 6),
                  float32_max_abs_logit_diff=floor["max_abs_logit_diff"],
                  float32_argmax_agreement=floor["argmax_agreement"],
-                 **compare(logits(model, examples), reference))
+                 **compare(logits(model, examples, p.evaluate.batch_size), reference))
 
+    params = {"base": vars(p.base), "data": vars(p.data), "tokenize": vars(p.tokenize),
+              "quantize": vars(p.quantize), "lora": vars(p.lora), "train": vars(p.train)}
     # The test loss and the task on the whole test split, against the adapter's from the evaluate stage.
     primary, scores = against_adapter(model, tokenizer, test, p, predictions)
     check.update(scores, **{f"adapter_{k}": v for k, v in adapter.items()})
     hold_to_tolerance(check, primary, p.export)
 
-    params = {"base": vars(p.base), "data": vars(p.data), "tokenize": vars(p.tokenize),
-              "quantize": vars(p.quantize), "lora": vars(p.lora), "train": vars(p.train)}
-    with atomic_dir(p.paths.export) as out:
+    with atomic_dir(p.paths.export) as out:  # replaces the last export only if the GGUF passes too
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         (out / "README.md").write_text(model_card(p, model.config, data_version(p), params, adapter, check))
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         if p.export.gguf != "none":
             del model
-            gguf = write_gguf(out, p.export.gguf)
+            gguf = write_gguf(out, p.export.gguf, source_gguf(p.base))
             gguf_check, meta = check_gguf(gguf, p, reference, examples, test, adapter, predictions, tokenizer)
             check.update(gguf_check)
             (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, meta["add_bos_token"]))
-    write_json(metrics_dir / "export.json", dict(check, disk_mb=round(size / 2**20, 1)))
+    write_json(metrics_dir / "export.json", dict(exported=True, **check, disk_mb=round(size / 2**20, 1)))
     done(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
          f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
          f"argmax agreement {check['argmax_agreement']}, merge error {check['merge_max_abs_diff']}; "

@@ -4,9 +4,12 @@ the tests of `base.source: gguf`.
 Tensor names come from the `gguf` package's own name map; metadata keys are the ones transformers
 reads back (transformers/integrations/ggml.py). Gemma's norms are stored plus one, as llama.cpp
 stores them. The tokenizer is the bundled SmolLM2 GGUF's (a byte-level BPE, as Qwen2's is), copied
-field by field, without a chat template: a base model. (transformers picks the tokenizer class by
-architecture, so a Gemma file needs Gemma's own sentencepiece vocabulary to read back right.)
+field by field, without a chat template: a base model; or, for Gemma, a small vocabulary of Gemma's
+kind (spm_tokenizer). transformers picks the tokenizer class by architecture, so a Gemma file read
+back right needs the sentencepiece kind.
 """
+
+import string
 
 import numpy as np
 
@@ -14,7 +17,8 @@ import numpy as np
 ARCHS = {"qwen2": "QWEN2", "gemma3_text": "GEMMA3"}
 
 
-def write_gguf(model, out, tokenizer_gguf):
+def write_gguf(model, out, tokenizer_gguf=None):
+    """`tokenizer_gguf`: the GGUF file whose tokenizer is copied; None: spm_tokenizer's."""
     import gguf
 
     c = model.config
@@ -36,7 +40,7 @@ def write_gguf(model, out, tokenizer_gguf):
         writer.add_sliding_window(c.sliding_window)
     else:
         writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    copy_tokenizer(writer, tokenizer_gguf)
+    copy_tokenizer(writer, tokenizer_gguf) if tokenizer_gguf else spm_tokenizer(writer)
 
     names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
     for name, tensor in model.state_dict().items():
@@ -72,3 +76,36 @@ def copy_tokenizer(writer, source):
     writer.add_eos_token_id(f["tokenizer.ggml.eos_token_id"])
     if "tokenizer.ggml.padding_token_id" in f:
         writer.add_pad_token_id(f["tokenizer.ggml.padding_token_id"])
+
+
+def spm_vocabulary():
+    """A vocabulary of Gemma's kind, as its GGUF holds one (tokenizer.ggml.model llama): control tokens,
+    the 256 byte pieces a SentencePiece tokenizer falls back to, a literal newline piece, `▁` for a
+    space, characters and a few merged pieces, scored by rank."""
+    import gguf
+
+    kind = gguf.TokenType
+    pieces = [("<pad>", kind.CONTROL), ("<eos>", kind.CONTROL), ("<bos>", kind.CONTROL), ("<unk>", kind.UNKNOWN),
+              ("<mask>", kind.USER_DEFINED),
+              ("<start_of_turn>", kind.USER_DEFINED), ("<end_of_turn>", kind.USER_DEFINED)]
+    pieces += [(f"<0x{b:02X}>", kind.BYTE) for b in range(256)]
+    words = ["\n", "▁", *string.ascii_letters, *string.digits, *".,:;!?-_()'\"/", *("▁" + c for c in string.ascii_lowercase),
+             "▁the", "▁is", "▁section", "in", "er", "on", "▁pe", "▁per", "▁perl"]
+    pieces += [(w, kind.NORMAL) for w in words]
+    scores = [-float(i) if k == kind.NORMAL else 0.0 for i, (_, k) in enumerate(pieces)]
+    return [p for p, _ in pieces], scores, [int(k) for _, k in pieces]
+
+
+def spm_tokenizer(writer):
+    tokens, scores, types = spm_vocabulary()
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(tokens.index("<bos>"))
+    writer.add_eos_token_id(tokens.index("<eos>"))
+    writer.add_pad_token_id(tokens.index("<pad>"))
+    writer.add_unk_token_id(tokens.index("<unk>"))
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(False)

@@ -107,6 +107,24 @@ def test_an_export_that_does_not_score_what_the_adapter_scored_is_refused(tiny_p
     assert not (p / "models/export").exists(), "no output written"
 
 
+def test_export_on_demand_loads_no_model_and_always_exports_it_later(tiny_project):
+    """A sweep's run with export.when: on_demand: the export folder holds only the note saying how to export,
+    export.json says it was not exported; then export.when: always exports that same run, and only export
+    (with validate's check of params.yaml) reruns."""
+    p = tiny_project
+    exported = json.loads((p / "metrics/export.json").read_text())
+    set_params(p / "params.yaml", {"export.when": "on_demand"})
+    assert repro(p) == {"validate", "export"}
+    assert [f.name for f in (p / "models/export").iterdir()] == ["README.md"]
+    assert "export.when=always" in (p / "models/export/README.md").read_text()
+    assert json.loads((p / "metrics/export.json").read_text()) == {"exported": False, "when": "on_demand"}
+    set_params(p / "params.yaml", {"export.when": "always"})
+    assert repro(p) == {"validate", "export"}
+    again = json.loads((p / "metrics/export.json").read_text())
+    assert again["exported"] is True and again["test_loss"] == exported["test_loss"]
+    assert (p / "models/export/model.safetensors").exists()
+
+
 @pytest.mark.parametrize("source", ["bundled", "gguf", "local", "hub"])
 def test_the_model_card_names_the_base_of_every_source(source):
     from types import SimpleNamespace

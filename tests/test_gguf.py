@@ -42,7 +42,8 @@ def test_the_tiny_model_exports_a_gguf_that_scores_what_the_adapter_scored(repro
     assert meta["chat_template"] == (p / "models/tokenizer/chat_template.jinja").read_text()
 
     # Read back, every weight is the merged model's up to q8_0's rounding, and not the weights of another file.
-    model, _ = load_gguf(path)
+    model, _, read = load_gguf(path)
+    assert read == meta
     merged = load_file(p / "models/export/model.safetensors")
     assert beyond_q8_0_rounding(model, merged) == []
 
@@ -97,7 +98,7 @@ def test_a_gguf_a_few_percent_off_is_told_apart_from_q8_0_rounding(reproduced_pr
     scales = blocks[:, :2].copy().view(np.float16)
     blocks[:, :2] = (scales * np.float16(1.02)).view(np.uint8)
     del reader  # written through the memory map
-    model, _ = load_gguf(tmp_path / "model.q8_0.gguf")
+    model, _, _ = load_gguf(tmp_path / "model.q8_0.gguf")
     assert beyond_q8_0_rounding(model, load_file(p / "models/export/model.safetensors")) == \
         ["model.layers.1.mlp.down_proj.weight"]
 
@@ -201,3 +202,36 @@ def test_a_base_model_without_a_chat_template_exports_a_gguf_without_one(base_mo
     template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
     assert template == "You sort Debian packages.\n\n{{ .Prompt }}\n", "the plain format: system, prompt, new line"
 
+
+
+def test_a_gemma_model_read_from_a_gguf_exports_a_gguf_that_reads_back_with_its_tokenizer(tmp_path):
+    """transformers writes a Gemma tokenizer read from a GGUF as tokenizer.json alone; llama.cpp's converter,
+    lacking the tokenizer.model it wants, writes that vocabulary as GPT-2 byte-level BPE, which no reader
+    loads (`Token '\\n' out of vocabulary`), or it stops, not knowing the pre-tokenizer (this small
+    vocabulary). The export carries the source GGUF's tokenizer instead."""
+    from conftest import tiny_family_model
+    from gguf_file import spm_vocabulary, write_gguf as write_source
+    from stages.base import load_gguf
+    from stages.export import load_gguf as read_back, write_gguf
+
+    source = write_source(tiny_family_model("gemma3", len(spm_vocabulary()[0])), tmp_path / "gemma.gguf")
+    model, tokenizer = load_gguf(source, "tiny gemma3")
+    folder = tmp_path / "export"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert not (folder / "tokenizer.model").exists(), "what transformers writes: the case the converter gets wrong"
+    text = "the section is perl\nnaïve: 漢字"  # a newline piece, merged pieces, byte fallback
+    exported, back, _ = read_back(write_gguf(folder, "q8_0", source))
+    # transformers asks gguf for a reader of the file for the config, the weights and the tokenizer, and
+    # the export's check has them share one parse; if transformers stops asking gguf at each call, this fails.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.export import one_gguf_read
+
+    gguf = folder / "model.q8_0.gguf"
+    with one_gguf_read(gguf) as asked:
+        AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    assert len(asked) >= 3 and set(asked) == {str(gguf.resolve())}, asked
+    assert back.get_vocab() == tokenizer.get_vocab() and back(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert exported.get_input_embeddings().weight.shape[0] == len(tokenizer)

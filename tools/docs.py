@@ -301,6 +301,27 @@ def levers_speed():
     return "\n".join(lines)
 
 
+def experiment_cost():
+    """Each stage's seconds in a first run and in a one-lever experiment, and the checks over training
+    (benchmarks/bench_stages.py)."""
+    r = read("stage-times", "benchmarks/results")
+    stages = ["train", "evaluate", "export"]
+    lines = ["| model | run | " + " | ".join(stages) + " | evaluate / train | export / train |",
+             "|---|---|" + "---|" * (len(stages) + 2)]
+    notes = []
+    for m in r["models"]:
+        runs = [("`dvc repro`, first run", m["first_run"]), (f"`dvc exp run -S {m['experiment']['lever']}`",
+                                                          m["experiment"]["stages"])]
+        for title, seconds in runs:
+            lines.append(f"| {m['model']} | {title} | " + " | ".join(f"{seconds[s]:.0f} s" for s in stages) + " | "
+                         + " | ".join(times(seconds[s] / seconds["train"]) for s in ("evaluate", "export")) + " |")
+        first = ", ".join(f"{k} {v:.0f} s" for k, v in m["first_run"].items() if k not in stages)
+        p = m["provenance"]
+        notes.append(f"{m['model']}: overrides {' '.join(f'`{o}`' for o in m['overrides']) or 'none'}; the first "
+                     f"run's other stages: {first}; {p['machine']}, {p['date']}.")
+    return "\n".join(lines + [""] + notes)
+
+
 def parallel():
     """Two experiments side by side against one after the other (benchmarks/bench_parallel.py)."""
     r = read("parallel", "benchmarks/results")
@@ -548,6 +569,7 @@ BLOCKS = {
     "levers-speed": levers_speed,
     "export-check": export_check,
     "parallel": parallel,
+    "experiment-cost": experiment_cost,
     "scale": scale,
     "train-vs-trl": train_vs_trl(),
     "gpu-pipeline": gpu_pipeline,
@@ -586,6 +608,9 @@ RESULTS = {
     "benchmarks/results/profile-step": Written(
         "benchmarks/profile_step.py", None, ".venv/bin/python benchmarks/profile_step.py --steps 3"),
     "benchmarks/results/repro": Written("benchmarks/repro.py", None, ".venv/bin/python benchmarks/repro.py"),
+    "benchmarks/results/stage-times": Written(
+        "benchmarks/bench_stages.py", "models", ".venv/bin/python benchmarks/bench_stages.py --models {row}",
+        lambda r: r["model"]),
     "benchmarks/results/parallel": Written(
         "benchmarks/bench_parallel.py", None, ".venv/bin/python benchmarks/bench_parallel.py --steps 12 --unshared"),
     "benchmarks/results/gemma3-270m-writing-systems": Written(
