@@ -3,7 +3,10 @@
 Train, val and test are measured by the same function, so their losses compare.
 """
 
+import copy
+import inspect
 import math
+import os
 import re
 import unicodedata
 from pathlib import Path
@@ -54,22 +57,46 @@ def auto_batch_size(setting, model, longest, new_tokens=0):
     return max(1, min(cap, int(free / 2 // (per_token * (longest + new_tokens)))))
 
 
-def _tail_logits(model, seqs, keep, device):
+SHARED_PREFIX_MIN = 8  # tokens every example starts with (system prompt, instruction): fewer are not worth a cache
+
+
+def _accepts(model, name):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(inner.forward).parameters
+
+
+@torch.no_grad()
+def shared_prefix(model, seqs, limit, device):
+    """The tokens every sequence starts with (at most `limit`), and the model's KV cache of them, computed
+    once and repeated over each batch, so that a pass computes the common system prompt and instruction
+    once instead of once per example; (0, None) when they are fewer than SHARED_PREFIX_MIN."""
+    n = min(len(os.path.commonprefix([list(s) for s in seqs])), limit) if seqs else 0
+    if n < SHARED_PREFIX_MIN or not _accepts(model, "past_key_values"):
+        return 0, None
+    return n, model(input_ids=torch.tensor([list(seqs[0][:n])], device=device), use_cache=True).past_key_values
+
+
+def _tail_logits(model, seqs, keep, device, prefix=(0, None)):
     """Float32 logits of the last `keep` positions of each sequence. Left-padded, so that every sequence
     ends at the last position, with position ids counted from each one's first token, so that padding
     moves none; the output layer runs on those positions only (transformers' logits_to_keep), which is
     what a loss over the answer and a check of it read. A model without logits_to_keep gets them cut
-    from the whole."""
-    import inspect
-
-    ids = pad(seqs, 0, side="left").to(device)
-    mask = pad([[1] * len(x) for x in seqs], 0, side="left").to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    from the whole. With `prefix` (shared_prefix: its length and cache), only what follows it runs."""
+    n, cache = prefix
+    suffixes = [list(x)[n:] for x in seqs]
+    ids = pad(suffixes, 0, side="left").to(device)
+    mask = pad([[1] * len(x) for x in suffixes], 0, side="left").to(device)
+    positions = n + (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {}
+    if cache is not None:
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(len(seqs))
+        extra = dict(past_key_values=cache, use_cache=True)
+        mask = torch.cat([torch.ones(len(seqs), n, dtype=mask.dtype, device=device), mask], dim=1)
+    if _accepts(model, "logits_to_keep"):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **extra).logits
     else:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -keep:]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[:, -keep:]
     return out.float()
 
 
@@ -103,6 +130,7 @@ def losses_and_divergence(model, dataset, answer_ids, batch_size, desc=None):
     starts = [min(lengths[i], next((j for j, t in enumerate(labels[i]) if t != IGNORE_INDEX), lengths[i]))
               for i in range(n)]
     size = auto_batch_size(batch_size, model, max(map(len, seqs)))
+    prefix = shared_prefix(model, seqs, min(starts) - 1, device)  # each prediction made after it
     sums, counts, firsts = [None] * n, [None] * n, [None] * n
     shared = [answer_ids is not None and list(a) == seqs[i][lengths[i] : lengths[i] + len(a)]
               for i, a in enumerate(answer_ids or [None] * n)]
@@ -110,7 +138,7 @@ def losses_and_divergence(model, dataset, answer_ids, batch_size, desc=None):
     for batch in by_length([len(s) for s in seqs], size):
         rebalance()
         keep = max(2, max(len(seqs[i]) - starts[i] + 1 for i in batch))  # from the position before the first label
-        logits = _tail_logits(model, [seqs[i] for i in batch], keep, device)
+        logits = _tail_logits(model, [seqs[i] for i in batch], keep, device, prefix)
         targets = pad([labels[i] for i in batch], IGNORE_INDEX, side="left")[:, -(keep - 1):].to(device)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
                                                  reduction="none")
@@ -199,11 +227,12 @@ def first_divergence(model, dataset, answer_ids, batch_size, desc=None):
     rows = dataset.select_columns(["input_ids", "prompt_length"])[:]
     seqs = [ids[:n] + list(a) for ids, n, a in zip(rows["input_ids"], rows["prompt_length"], answer_ids)]
     firsts = [None] * len(seqs)
+    prefix = shared_prefix(model, seqs, min(rows["prompt_length"], default=1) - 1, device)
     bar = progress(len(seqs), desc, unit="ex")
     for batch in by_length([len(x) for x in seqs], auto_batch_size(batch_size, model, max(map(len, seqs), default=1))):
         rebalance()
         keep = max(len(answer_ids[i]) for i in batch) + 1  # from the position before each answer
-        greedy = _tail_logits(model, [seqs[i] for i in batch], keep, device).argmax(-1).tolist()
+        greedy = _tail_logits(model, [seqs[i] for i in batch], keep, device, prefix).argmax(-1).tolist()
         for i, row in zip(batch, greedy):
             firsts[i] = _diverges(row, keep - len(answer_ids[i]) - 1, answer_ids[i])
         bar.update(len(batch))

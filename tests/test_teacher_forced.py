@@ -9,7 +9,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlora.scoring import example_losses, first_divergence, generate_answer_ids, greedy_answers_like
+import qlora.scoring
+from qlora.scoring import (SHARED_PREFIX_MIN, example_losses, first_divergence, generate_answer_ids,
+                           greedy_answers_like)
 from qlora.splits import IGNORE_INDEX
 
 BUDGET, BATCH = 10, 4
@@ -20,7 +22,10 @@ def setup(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 5000, (int(n),), generator=generator).tolist()
+    # Every prompt starts with the same instruction, as a system prompt and a template make them, so that
+    # the scoring passes compute it once (qlora.scoring.shared_prefix).
+    instruction = torch.randint(100, 5000, (SHARED_PREFIX_MIN + 4,), generator=generator).tolist()
+    prompts = [instruction + torch.randint(100, 5000, (int(n),), generator=generator).tolist()
                for n in torch.randint(4, 12, (12,), generator=generator)]
     prompts_only = Dataset.from_dict(dict(input_ids=prompts, prompt_length=[len(p) for p in prompts]))
     # A stop token this model does produce: the 4th token of its first answer, so some answers end early.
@@ -69,3 +74,20 @@ def test_the_teacher_forced_check_gives_the_answers_full_generation_gives(setup)
         assert [j is None for j in firsts] == [g == r for g, r in zip(generated, reference)]
         seen |= {"same" if j is None else "first token" if j == 0 else "mid-answer" for j in firsts}
     assert seen == {"same", "first token", "mid-answer"}, seen
+
+
+def test_the_shared_prompt_prefix_changes_no_loss_and_no_check(setup, monkeypatch):
+    """The passes run the prompts' common start once and the rest of each example after its cache: the
+    losses and the teacher-forced check are those of running every example whole (float32: to rounding),
+    for the model itself (every answer the same) and a perturbed one (answers that differ)."""
+    tokenizer, model, dataset, _ = setup
+    own = generate_answer_ids(model, tokenizer, dataset, BATCH, BUDGET, stop_ids=[])
+    models = [model, perturbed(model, 0.03)]
+    assert qlora.scoring.shared_prefix(model, dataset["input_ids"], 100, "cpu")[0] == SHARED_PREFIX_MIN + 4
+    shared = [(example_losses(m, dataset, BATCH), first_divergence(m, dataset, own, BATCH)) for m in models]
+    monkeypatch.setattr(qlora.scoring, "SHARED_PREFIX_MIN", 10**9)
+    whole = [(example_losses(m, dataset, BATCH), first_divergence(m, dataset, own, BATCH)) for m in models]
+    for ((sums, counts), firsts), ((whole_sums, whole_counts), whole_firsts) in zip(shared, whole):
+        assert counts == whole_counts and firsts == whole_firsts
+        assert sums == pytest.approx(whole_sums, abs=1e-4)
+    assert shared[0][1] == [None] * len(own) and any(j is not None for j in shared[1][1])
