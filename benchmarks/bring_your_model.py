@@ -81,7 +81,8 @@ def main():
         gain=round(e[f"test_{primary}"] - e[f"base_test_{primary}"], 4), gain_ci_low=low, gain_ci_high=high,
         losses={k: e[k] for k in ("train_loss", "val_loss", "test_loss", "best_val_loss", "best_val_step")},
         train={k: metrics["train"][k] for k in ("steps", "seconds", "tokens_per_second", "trainable_parameters")},
-        export={k: metrics["export"][k] for k in ("test_loss", "adapter_test_loss", "answer_agreement")},
+        export={k: metrics["export"][k] for k in ("test_loss", "adapter_test_loss", "answer_agreement", "gguf_file",
+                                                  "gguf_test_loss", "gguf_answer_agreement") if k in metrics["export"]},
         repro_seconds=round(wall), stages=re.findall(r"Running stage '(\w+)'", text),
     )
     out = ROOT / "benchmarks/results" / f"{args.name}.json"

@@ -442,7 +442,9 @@ def bring_your_model(name):
             f"{t['steps']} steps in {t['seconds']:.0f} s ({t['tokens_per_second']} tokens/s); the whole "
             f"`dvc repro` {r['repro_seconds']} s on {r['machine']}. The merged export: test loss "
             f"{r['export']['test_loss']} (adapter {r['export']['adapter_test_loss']}), the same answer on "
-            f"{r['export']['answer_agreement']:.0%} of test.",
+            f"{r['export']['answer_agreement']:.0%} of test"
+            + (f"; the GGUF file {r['export']['gguf_file']} as read back: test loss {r['export']['gguf_test_loss']}, "
+               f"the same answer on {r['export']['gguf_answer_agreement']:.0%}." if "gguf_file" in r["export"] else "."),
             "",
             "The edits to the fresh clone's `params.yaml`, all of them:",
             "",
