@@ -57,6 +57,10 @@ def auto_batch_size(setting, model, longest, new_tokens=0):
     return max(1, min(cap, int(free / 2 // (per_token * (longest + new_tokens)))))
 
 
+# logits_to_keep as a tensor of positions, not a count: transformers slices a count as a strided view of the
+# hidden states, and on CPU a strided input can send the output layer's bf16 matmul down a slow path (seen with
+# Gemma 3's 262,144-token head under peft: prefill and loss passes many times slower); positions index a copy.
+LAST_POSITION = torch.tensor([-1])
 SHARED_PREFIX_MIN = 8  # tokens every example starts with (system prompt, instruction): fewer are not worth a cache
 
 
@@ -93,8 +97,9 @@ def _tail_logits(model, seqs, keep, device, prefix=(0, None)):
         cache.batch_repeat_interleave(len(seqs))
         extra = dict(past_key_values=cache, use_cache=True)
         mask = torch.cat([torch.ones(len(seqs), n, dtype=mask.dtype, device=device), mask], dim=1)
-    if _accepts(model, "logits_to_keep"):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **extra).logits
+    if _accepts(model, "logits_to_keep"):  # as positions: see LAST_POSITION
+        kept = torch.arange(ids.shape[1] - keep, ids.shape[1], device=device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=kept, **extra).logits
     else:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[:, -keep:]
     return out.float()
@@ -197,6 +202,7 @@ def generate_answer_ids(model, tokenizer, dataset, batch_size, max_new_tokens, s
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens - min(len(prefixes[i]) for i in batch),
             do_sample=False, pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True,
+            **({"logits_to_keep": LAST_POSITION.to(device)} if _accepts(model, "logits_to_keep") else {}),
         )  # a greedy answer does not depend on how long the others in its batch run: each is cut to its own budget
         for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
             answers[i] = cut_at_stop(list(prefixes[i]) + row, stop_ids, max_new_tokens)
