@@ -37,9 +37,9 @@ def by_length(lengths, batch_size):
 def auto_batch_size(setting, model, longest, new_tokens=0):
     """evaluate.batch_size with `auto` resolved for one pass over examples of at most `longest` tokens
     (plus `new_tokens` generated): as many as half the memory at hand holds (the GPU's free memory, or
-    the machine's available memory on CPU), at about 10 bytes per token per vocabulary entry (the
-    logits in the model's dtype, in float32, and the loss's log-softmax) plus the KV cache and a layer's
-    activations, capped at 64 on a GPU and 16 on CPU (where larger batches do not run faster)."""
+    the machine's available memory on CPU), counting per token the logits over the vocabulary (in the
+    model's dtype, in float32, and the loss's log-softmax) plus the KV cache and a layer's activations,
+    capped at 64 on a GPU and 16 on CPU (where larger batches do not run faster)."""
     if setting != "auto":
         return setting
     c = model.config.get_text_config()
