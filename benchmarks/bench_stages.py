@@ -11,9 +11,12 @@ models not run this time are kept.
 
 - `default`: the project as committed.
 - `qwen2-0.5b`: random weights of Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 heads, 2 KV
-  heads, MLP 4864, tied embeddings) with the bundled SmolLM2 tokenizer, as a local model folder
-  (`base.source: local`). A random model's export is held to wide tolerances: what is timed is
-  the work, not whether the model learns. It trains as the default does (2 epochs); `--steps` caps
+  heads, MLP 4864, tied embeddings) with the bundled SmolLM2 tokenizer, written as an f16 GGUF file
+  by the export stage's converter with the bundled GGUF's tokenizer (`base.source: gguf`, as a user
+  brings a downloaded GGUF). A local folder would not do: its tokenizer, as transformers writes it
+  from a GGUF, is one llama.cpp's converter does not recognize, so the export's GGUF step stops.
+  A random model's export is held to wide tolerances: what is timed is the work, not whether the
+  model learns. It trains as the default does (2 epochs); `--steps` caps
   its training (`train.max_steps`) for a quicker look, which makes the checks weigh more.
 """
 
@@ -39,26 +42,31 @@ QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, 
                  num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6)
 
 
-def qwen2_folder(out):
-    """A local model folder: Qwen2.5-0.5B's shape, random weights, the bundled tokenizer."""
+def qwen2_gguf(tmp):
+    """A GGUF file: Qwen2.5-0.5B's shape, random weights, the bundled tokenizer (its GGUF fields)."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from stages.base import BUNDLED_GGUF, bundled_dir
+    from stages.export import converter
 
+    folder, out = tmp / "qwen2-0.5b", tmp / "qwen2-0.5b.f16.gguf"
     tokenizer = AutoTokenizer.from_pretrained(bundled_dir(), gguf_file=BUNDLED_GGUF)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, **QWEN2_05B))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    subprocess.run([sys.executable, "-m", "qlora.gguf_convert", str(bundled_dir() / BUNDLED_GGUF), str(folder),
+                    "--outtype", "f16", "--outfile", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   env=dict(subprocess.os.environ, PYTHONPATH=str(converter())))
     return out
 
 
 def overrides(name, tmp, steps):
     if name == "default":
         return []
-    return ["base.source=local", f"base.path={qwen2_folder(Path(tmp) / 'qwen2-0.5b')}",
+    return ["base.source=gguf", f"base.path={qwen2_gguf(Path(tmp))}",
             "export.loss_tolerance=10", "export.metric_tolerance=1", *([f"train.max_steps={steps}"] if steps else [])]
 
 
