@@ -54,6 +54,7 @@ def dequantized(path):
     plain model: save_pretrained refuses one that remembers it was loaded quantized."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     loaded = load_model(path)
     if is_quantized(loaded):
@@ -61,8 +62,10 @@ def dequantized(path):
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})
+    with no_init_weights():  # every weight is assigned next (strictly): random ones would be thrown away
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()}, assign=True)
+    model.tie_weights()  # a tied pair became two float32 copies
     model.generation_config = loaded.generation_config
     return model
 
