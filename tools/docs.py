@@ -317,7 +317,7 @@ def experiment_cost():
                          + " | ".join(times(seconds[s] / seconds["train"]) for s in ("evaluate", "export")) + " |")
         first = ", ".join(f"{k} {v:.0f} s" for k, v in m["first_run"].items() if k not in stages)
         p = m["provenance"]
-        notes.append(f"{m['model']}: overrides {' '.join(f'`{o}`' for o in m['overrides']) or 'none'}; the first "
+        notes.append(f"- {m['model']}: overrides {' '.join(f'`{o}`' for o in m['overrides']) or 'none'}; the first "
                      f"run's other stages: {first}; {p['machine']}, {p['date']}.")
     return "\n".join(lines + [""] + notes)
 
