@@ -91,6 +91,19 @@ def disk(project, params):
                     text=True).stdout.strip())
 
 
+def lock_changed(project):
+    """The outputs that dvc.lock records with another hash than the cloned commit's: what this machine
+    computed differently (on another CPU model, the adapter's bytes and the losses' last digits)."""
+    committed = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=project, capture_output=True, text=True,
+                               check=True).stdout
+
+    def outs(lock):
+        return {o["path"]: o.get("md5") for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+    before, after = outs(yaml.safe_load(committed)), outs(yaml.safe_load((project / "dvc.lock").read_text()))
+    return sorted(path for path in after if after[path] != before.get(path))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", type=Path, help="clone here and keep it, instead of a temporary folder")
@@ -116,7 +129,9 @@ def main():
             command="make repro", stages={name: round(end - starts[name], 1) for name, end in zip(ordered, ends)},
             skipped=SKIPPED.findall(console),  # outputs committed in git, inputs unchanged: DVC need not run them
             total_seconds=round(total, 1), noop_seconds=round(noop, 2),
-            modified_after=[line[3:] for line in status.splitlines() if line.startswith(" M")],
+            # either column: DVC stages dvc.lock itself (core.autostage), the rest stays unstaged
+            modified_after=[line[3:] for line in status.splitlines() if "M" in line[:2]],
+            lock_changed=lock_changed(project),
             untracked_after=[line[3:] for line in status.splitlines() if line.startswith("??")],
             disk=disk(project, yaml.safe_load((project / "params.yaml").read_text())),
             metrics=metrics, **provenance(project))

@@ -209,9 +209,13 @@ def after_repro():
         if shown.returncode == 0:
             committed = json.loads(shown.stdout)
             differing |= {f"{stem}.{k}" for k in values.keys() | committed.keys() if values.get(k) != committed.get(k)}
-    lock = "`dvc.lock` was not among them, so every data file, model and adapter had its committed hash"
+    if "dvc.lock" not in changed:
+        lock = "`dvc.lock` was not among them, so every data file, model and adapter had its committed hash"
+    else:
+        lock = ("`dvc.lock` among them, recording other hashes than the commit's for "
+                + ", ".join(f"`{p}`" for p in r["lock_changed"]))
     return (f"on {r['machine']}, `git status` after `make repro` in a fresh clone showed {len(changed)} modified "
-            f"files ({', '.join(f'`{f}`' for f in changed)}); {lock if 'dvc.lock' not in changed else 'and dvc.lock'}"
+            f"files ({', '.join(f'`{f}`' for f in changed)}); {lock}"
             f", and the only metrics that differed from the commit's were "
             f"{', '.join(f'`{k}`' for k in sorted(differing)) or 'none'}"
             + (": measures of time, speed and memory, none a result." if differing and all(
