@@ -49,8 +49,10 @@ def pair(project, env, names_seeds, steps, workers):
     while True:
         status = sh(["dvc", "queue", "status"], project, env)
         rows = [line for line in status.splitlines() if any(name in line for name, _ in names_seeds)]
-        if any("Failed" in line for line in rows):
-            raise SystemExit(f"an experiment failed:\n{status}")
+        failed = [name for name, _ in names_seeds if any(name in line and "Failed" in line for line in rows)]
+        if failed:
+            logs = "".join(sh(["dvc", "queue", "logs", name], project, env, check=False)[-3000:] for name in failed)
+            raise SystemExit(f"an experiment failed:\n{status}\n{logs}")
         if len(rows) == 2 and all("Success" in line for line in rows):
             break
         time.sleep(2)
