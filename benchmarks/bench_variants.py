@@ -4,9 +4,9 @@
 
 Each variant runs as a DVC experiment, `dvc exp run --temp -n variant-<name> -S ... evaluate`
 (train and evaluate; the workspace is left as it is), one after another so that none shares the
-cores. The default row is the committed `make repro` run (its commit: the last one of its
-metrics). PiSSA needs a full-precision base, so it is measured on the 16-bit base against plain
-LoRA on that same base. Writes benchmarks/results/lora-variants.json (every figure; each row
+cores. The default runs the same way, forced (`-f`: nothing of it changed, so DVC would otherwise
+skip it), so that every row's speed and memory are measured alike. PiSSA needs a full-precision
+base, so it is measured on the 16-bit base against plain LoRA on that same base. Writes benchmarks/results/lora-variants.json (every figure; each row
 with the machine, versions, commit and date of the run that measured it, `--only` keeping the
 others as they were); docs/levers.md renders it (make docs).
 """
@@ -25,6 +25,7 @@ from benchmarks.stamp import PIPELINE, command, kept, stamp  # noqa: E402
 CODE = ["benchmarks/bench_variants.py", *PIPELINE]  # (python -m tools.docs)
 
 VARIANTS = {
+    "default (kaiming)": [],
     "dora": ["lora.use_dora=true"],
     "rslora": ["lora.use_rslora=true"],
     "gaussian": ["lora.init=gaussian"],
@@ -45,20 +46,6 @@ def figures(metrics):
     return {key: metrics.get(file, {}).get(key) for file, keys in KEEP.items() for key in keys}
 
 
-def default_row(figures):
-    """The default's row, from the metrics `make repro` wrote, with the provenance of that run: the last
-    commit of those metrics where the workspace has them as committed, else this workspace's HEAD today."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    row = stamp(dict(overrides=[], **figures), command_line="make repro && " + command([sys.argv[0], "--only",
-                                                                                       "default (kaiming)"]))
-    if not git("status", "--porcelain", "--", *KEEP):
-        commit, date = git("log", "-1", "--format=%h %cs", "--", *KEEP).split()
-        row["provenance"].update(commit=commit, date=date)
-    return row
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="variants to (re)run; the others are kept from the results file")
@@ -71,18 +58,18 @@ def main():
 
     out = ROOT / "benchmarks/results/lora-variants.json"
     old = kept(json.loads(out.read_text()), "variants") if out.exists() and args.only else {}
-    default = {f: json.loads((ROOT / f).read_text()) for f in KEEP}
-    variants = {"default (kaiming)": default_row(figures(default))}
+    variants = {}
     for name, overrides in VARIANTS.items():
         if args.only and name not in args.only:
             if name in old:
                 variants[name] = old[name]
             continue
         exp = "variant-" + name.split(" (")[0].replace(" ", "-")
+        force = [] if overrides else ["-f"]  # the default: rerun although nothing changed
         print(f"bench_variants: {exp}: {' '.join(overrides)}", flush=True)
         sets = [a for o in overrides for a in ("-S", o)]
         subprocess.run(["dvc", "exp", "remove", exp], capture_output=True)  # a rerun replaces it
-        result = subprocess.run(["dvc", "exp", "run", "--temp", "-n", exp, *sets, "evaluate"],
+        result = subprocess.run(["dvc", "exp", "run", "--temp", "-n", exp, *force, *sets, "evaluate"],
                                 capture_output=True, text=True)
         if result.returncode:
             variants[name] = dict(overrides=overrides, error=(result.stderr.strip().splitlines() or ["?"])[-1][-400:])
