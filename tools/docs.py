@@ -183,7 +183,7 @@ def stage_times():
     lines = ["| stage | time | what it did |", "|---|---|---|"]
     lines += [rows[name] for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order))]
     minutes, seconds = divmod(round(r["total_seconds"]), 60)
-    lines += [f"| **total** | **{minutes} min {seconds} s** | `{r['command']}` in a fresh clone, nothing cached |",
+    lines += [f"| **total** | **{minutes} min {seconds} s** | `{r['command']}` in a fresh clone, its DVC cache empty |",
               "", f"{r['machine']}, {r['date']}. A second `dvc repro` right after found nothing to do in "
                   f"{r['noop_seconds']} s."]
     return "\n".join(lines)
@@ -607,7 +607,8 @@ RESULTS = {
         "benchmarks/bench_eval.py", "models", ".venv/bin/python benchmarks/bench_eval.py --reps 3 --examples 48"),
     "benchmarks/results/cpu-matmul-dtype": Written(
         "benchmarks/bench_matmul_dtype.py", "rows", ".venv/bin/python benchmarks/bench_matmul_dtype.py",
-        lambda r: " x ".join(map(str, r["shape"])) + (", native bf16" if r["native_bf16"] else ", no native bf16")),
+        lambda r: " x ".join(map(str, r["shape"])) + (", native bf16" if r["native_bf16"] else ", no native bf16")
+        + (f" ({r['isa_cap'].upper()} cap)" if r.get("isa_cap") else "")),
     "benchmarks/results/tune-workers": Written(
         "benchmarks/bench_tune_workers.py", "studies",
         ".venv/bin/python benchmarks/bench_tune_workers.py --workers 2 --trials 6", lambda r: r["study"]),
