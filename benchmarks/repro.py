@@ -1,10 +1,11 @@
-"""A new user's `make repro`: a fresh clone, every stage from scratch, each stage timed, the console kept.
+"""A new user's `make repro`: a fresh clone, its DVC cache empty, each stage timed, the console kept.
 
     python benchmarks/repro.py [--keep DIR]
 
 Clones this repository's committed HEAD into a temporary folder, links this project's `.venv`
 into it (the environment `make install` builds, so its time is not counted), runs `make repro`
-there with nothing cached and writes:
+there with an empty DVC cache (a stage whose outputs git holds and whose inputs did not change
+is skipped) and writes:
 - `benchmarks/results/repro.json`: the wall time of each stage (from the moment DVC starts it
   to the moment the next one starts), the whole run, a second `dvc repro` that finds nothing to
   do, what `git status` shows in the clone afterwards, the run's metrics, and the machine,
