@@ -342,7 +342,8 @@ def parallel():
             " " + " / ".join(str(m["tokens_per_second"]) for m in runs.values()) + " | "
             + " / ".join(str(m["threads"]) for m in runs.values()) + " |" if each else ""))
     lines += ["", f"Each experiment: the default with another `train.seed`, {r['steps']} optimizer steps, then "
-                  f"evaluate and export; {r['machine']}, {r['date']}."]
+                  + ("evaluate and export" if r.get("export_when", "always") == "always" else
+                   f"evaluate (`export.when: {r['export_when']}`)") + f"; {r['machine']}, {r['date']}."]
     return "\n".join(lines)
 
 
