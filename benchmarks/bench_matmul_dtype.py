@@ -6,9 +6,10 @@ The default computes in bf16 (quantize.compute_dtype). CPUs with AVX512-BF16 or 
 natively; on others torch takes a slow path. One thread, so that another process on the machine
 moves both dtypes alike. Writes `benchmarks/results/cpu-matmul-dtype.json`, each row with the CPU's
 flags; the rows of a CPU of the other kind (native bf16 or not) are kept, so the file holds one of each.
-`--isa avx2` caps oneDNN, MKL and torch's own kernels at AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS,
-ATEN_CPU_CAPABILITY), the instructions a CPU without native bf16 has: a machine with AVX512-BF16 or AMX then measures the other
-kind's path, and its rows say so (`isa_cap`).
+`--isa avx2` caps oneDNN, MKL and torch's own kernels at AVX2 (ONEDNN_MAX_CPU_ISA,
+MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY), the instructions a CPU without native bf16 has:
+a machine with AVX512-BF16 or AMX then measures the other kind's path, and its rows say so
+(`isa_cap`).
 """
 
 import argparse
