@@ -41,10 +41,17 @@ from qlora.splits import load_format, load_split
 BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metrics
 PARAMS = ["evaluate", "data.labels", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
           "paths.metrics"]
-# metrics/scores.json: what `dvc exp show` lists. {primary}: the task's primary metric (qlora.scoring.PRIMARY).
-SCORES = ["val_loss", "test_loss", "test_{primary}", "test_{primary}_ci_low", "test_{primary}_ci_high", "test_answered",
-          "{primary}_gain", "gain_significant", "overfitting", "best_val_step"]
-COST = ["tokens_per_second", "peak_memory_mb", "mfu"]  # train's, from the adapter's RUN_RECORD
+# metrics/scores.json, what `dvc exp show` lists: {its key: the figure's key in evaluate.json}, and COST
+# {its key: the figure's key in train.json, read from the adapter's RUN_RECORD}. The keys are short because
+# DVC names its columns by them: a run and the default, compared with `dvc exp show --only-changed`, fit
+# 200 columns. {primary}: the task's primary metric (qlora.scoring.PRIMARY), on test; ci_low and ci_high
+# its 95% interval; gain its difference from the base model's, and significant whether the paired
+# interval of that difference excludes 0.
+SCORES = {"val_loss": "val_loss", "test_loss": "test_loss", "{primary}": "test_{primary}",
+          "ci_low": "test_{primary}_ci_low", "ci_high": "test_{primary}_ci_high", "answered": "test_answered",
+          "gain": "{primary}_gain", "significant": "gain_significant", "overfit": "overfitting",
+          "best_step": "best_val_step"}
+COST = {"tokens_s": "tokens_per_second", "peak_mb": "peak_memory_mb", "mfu": "mfu"}
 NO_LABEL = "(no label)"  # in the confusion matrix: an answer that gives no allowed label, or several
 
 
@@ -91,8 +98,9 @@ def headline(metrics, task):
 
 def deciding(metrics, trained, task):
     """The figures that decide between runs and what the run cost (SCORES, COST): metrics/scores.json."""
-    keys = [k.format(primary=PRIMARY[task]) for k in SCORES]
-    return {**{k: metrics[k] for k in keys}, **{k: trained[k] for k in COST}}
+    primary = PRIMARY[task]
+    return {**{k.format(primary=primary): metrics[v.format(primary=primary)] for k, v in SCORES.items()},
+            **{k: trained[v] for k, v in COST.items()}}
 
 
 def predictions_markdown(rows, metrics, task, count):
@@ -186,10 +194,9 @@ def main():
     metrics["gain_significant"] = low > 0 or high < 0  # the primary metric's paired interval excludes 0
 
     rows = [dict(input=i, expected=x, base_answer=b["answer"], answer=a,
-                 **{f"base_{k}": v for k, v in b.items() if k != "answer"}, **s, loss_sum=round(ls, 5), tokens=n,
-                 answer_ids=ids)  # what export's check holds a model's greedy answers to (qlora.scoring.greedy_answers_like)
-            for i, x, b, a, s, ls, n, ids in zip(shown_inputs(test["prompt"]), test["completion"], base_rows, answers,
-                                                 scored, *per_example["test"], answer_ids)]
+                 **{f"base_{k}": v for k, v in b.items() if k != "answer"}, **s, loss_sum=round(ls, 5), tokens=n)
+            for i, x, b, a, s, ls, n in zip(shown_inputs(test["prompt"]), test["completion"], base_rows, answers,
+                                            scored, *per_example["test"])]
     confusion = [dict(expected=r["expected"], label=r["label"] or NO_LABEL) for r in rows] \
         if task == "classification" else []
     write_json(metrics_dir / "predictions.json", rows)

@@ -14,19 +14,21 @@ Checked on held-out test examples and written to metrics/export.json:
   `float32_argmax_agreement`: the same before the cast, so what the compute dtype alone
   accounts for);
 - `test_loss`, and the task metric (`test_accuracy` for classification, `test_chrf` for
-  generation), of the exported model on the whole test split beside the adapter's from the
-  evaluate stage, with the paired 95% bootstrap interval of their difference over the test
-  examples, and `answer_agreement`: the share of its greedy answers identical to the
-  adapter's (metrics/predictions.json). Those answers are not all generated again: one
-  teacher-forced pass over the adapter's answer tokens finds the ones the model gives token
-  for token, and only the others (`answers_regenerated`) are generated, from where they differ.
+  generation), of the exported model on the whole test split beside the adapter's, with the
+  paired 95% bootstrap interval of their difference over the test examples, and
+  `answer_agreement`: the share of its greedy answers identical to the adapter's. The adapter's
+  answers and losses are computed here, as the evaluate stage computes them, so that this stage
+  reads the adapter alone and no output of evaluate (a run then changes one dependency of the
+  pipeline, the adapter, and `dvc exp show --only-changed` has one hash column). The exported
+  model's answers are not all generated: one teacher-forced pass over the adapter's answer tokens
+  finds the ones it gives token for token, and only the others (`answers_regenerated`) are
+  generated, from where they differ.
 The stage fails, writing nothing, when the test loss differs from the adapter's by more than
 `export.loss_tolerance`, or the task metric by more than `export.metric_tolerance` with an
 interval that excludes 0; the message gives the figures. The model card (README.md) records the base model, data version,
 params and metrics.
 """
 
-import json
 import os
 import sys
 from contextlib import contextmanager
@@ -39,8 +41,8 @@ from qlora.console import done, quiet_known_noise
 from qlora.models import is_quantized, load_model
 from qlora.outputs import atomic_dir, write_json
 from qlora.params import load_params
-from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, decode_answers, greedy_answers_like,
-                           loss_summary, paired_interval, resolve_task, task_scores)
+from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, decode_answers, example_losses, generate_answer_ids,
+                           greedy_answers_like, loss_summary, paired_interval, resolve_task, task_scores)
 from qlora.splits import load_format, load_split
 
 PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
@@ -123,32 +125,51 @@ def hold_to_tolerance(check, primary, x, what="the merged model", prefix=""):
             + "; to compare runs without exporting them, `dvc exp run evaluate ...` stops before this stage.")
 
 
-def adapter_scores(predictions, primary):
-    """The adapter's test loss and task metric, from the evaluate stage's per-example rows
-    (metrics/predictions.json: each one's loss sum, tokens and score)."""
-    return {"test_loss": loss_summary([r["loss_sum"] for r in predictions], [r["tokens"] for r in predictions])["loss"],
-            f"test_{primary}": round(sum(r[PER_EXAMPLE[primary]] for r in predictions) / len(predictions), 4)}
+def answer_setup(p):
+    """The task, the answer budget and the stop tokens, as the evaluate stage sets them."""
+    e = p.evaluate
+    budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
+    return resolve_task(e.task, p.data.labels), budget, load_format(p.paths.tokenized)["stop_token_ids"]
 
 
-def against_adapter(model, tokenizer, test, p, predictions):
+def adapter_answers(model, tokenizer, test, p):
+    """The adapter's greedy answer to each test example (its ids, its text and its scores) with its
+    completion loss, computed as the evaluate stage computes them: the same batches, so the same answers."""
+    task, budget, stop_ids = answer_setup(p)
+    sums, counts = example_losses(model, test, p.evaluate.batch_size, desc="adapter test loss")
+    answer_ids = generate_answer_ids(model, tokenizer, test, p.evaluate.batch_size, budget, stop_ids,
+                                     desc="adapter test answers")
+    answers = decode_answers(tokenizer, answer_ids)
+    _, scored = task_scores(task, answers, test["completion"], p.data.labels)
+    return [dict(answer=a, answer_ids=ids, loss_sum=s, tokens=n, **sc)
+            for a, ids, s, n, sc in zip(answers, answer_ids, sums, counts, scored)]
+
+
+def adapter_scores(adapter_rows, primary):
+    """The adapter's test loss and task metric, from its per-example rows (adapter_answers)."""
+    losses = loss_summary([r["loss_sum"] for r in adapter_rows], [r["tokens"] for r in adapter_rows])
+    return {"test_loss": losses["loss"],
+            f"test_{primary}": round(sum(r[PER_EXAMPLE[primary]] for r in adapter_rows) / len(adapter_rows), 4)}
+
+
+def against_adapter(model, tokenizer, test, p, adapter_rows):
     """The model's test loss, greedy answers and task metric on the whole test split, beside the adapter's
-    from the evaluate stage, with the paired 95% interval of the metric's difference. Its greedy answers
+    (adapter_answers), with the paired 95% interval of the metric's difference. Its greedy answers
     are decided against the adapter's by one teacher-forced pass, and generated only where they differ,
     from the first token that does (qlora.scoring.greedy_answers_like): the same answers as generating
     them all, at the cost of the loss pass, which the check shares wherever the adapter's answer is
     the reference's."""
     e = p.evaluate
-    task = resolve_task(e.task, p.data.labels)
-    budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
-    stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
-    answer_ids, firsts, losses = greedy_answers_like(model, tokenizer, test, [r["answer_ids"] for r in predictions],
+    task, budget, stop_ids = answer_setup(p)
+    answer_ids, firsts, losses = greedy_answers_like(model, tokenizer, test, [r["answer_ids"] for r in adapter_rows],
                                                      e.batch_size, budget, stop_ids, desc="test answers")
     answers = decode_answers(tokenizer, answer_ids)
     scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
     primary = PRIMARY[task]
-    low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in predictions], [r[PER_EXAMPLE[primary]] for r in rows])
+    low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in adapter_rows],
+                                [r[PER_EXAMPLE[primary]] for r in rows])
     return primary, dict(
-        answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, predictions)) / len(answers), 4),
+        answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, adapter_rows)) / len(answers), 4),
         answers_regenerated=sum(j is not None for j in firsts),  # the rest were the adapter's, token for token
         test_loss=loss_summary(*losses)["loss"],
         **{f"test_{primary}": scores[primary]},
@@ -251,7 +272,7 @@ def load_gguf(path, dtype=None):
         return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), gguf_metadata(path)
 
 
-def check_gguf(path, p, reference, examples, test, adapter, predictions, tokenizer):
+def check_gguf(path, p, reference, examples, test, adapter, adapter_rows, tokenizer):
     """The GGUF against the quantized base + adapter: logits on the check examples, and test loss, answers
     and task metric on the whole test split. Returns those figures (keys prefixed gguf_) and the file's
     metadata; raises when they are out of tolerance."""
@@ -260,7 +281,7 @@ def check_gguf(path, p, reference, examples, test, adapter, predictions, tokeniz
     model, gguf_tokenizer, meta = load_gguf(path, getattr(torch, p.export.dtype))
     if gguf_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SystemExit(f"export: the vocabulary inside {path.name} differs from the tokenizer's; nothing was exported")
-    primary, scores = against_adapter(model, tokenizer, test, p, predictions)
+    primary, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
     check = {f"gguf_{k}": v for k, v in dict(**compare(logits(model, examples, p.evaluate.batch_size), reference), **scores).items()}
     check.update(gguf_file=path.name, gguf_type=p.export.gguf, gguf_mb=round(path.stat().st_size / 2**20, 1),
                  gguf_chat_template=meta["chat_template"] is not None,
@@ -375,12 +396,12 @@ def main():
     test = load_split(p.paths.tokenized, "test")
     examples = test["input_ids"][: p.export.check_examples]
     metrics_dir = Path(p.paths.metrics)
-    predictions = json.loads((metrics_dir / "predictions.json").read_text())
-    adapter = adapter_scores(predictions, PRIMARY[resolve_task(p.evaluate.task, p.data.labels)])
 
     trained = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
     reference = logits(trained, examples, p.evaluate.batch_size)  # the model as trained and evaluated
+    adapter_rows = adapter_answers(trained, tokenizer, test, p)
     del trained
+    adapter = adapter_scores(adapter_rows, PRIMARY[resolve_task(p.evaluate.task, p.data.labels)])
 
     model = PeftModel.from_pretrained(dequantized(p.paths.quantized), p.paths.adapter)
     unmerged = logits(model, examples, p.evaluate.batch_size)
@@ -397,8 +418,8 @@ def main():
 
     params = {"base": vars(p.base), "data": vars(p.data), "tokenize": vars(p.tokenize),
               "quantize": vars(p.quantize), "lora": vars(p.lora), "train": vars(p.train)}
-    # The test loss and the task on the whole test split, against the adapter's from the evaluate stage.
-    primary, scores = against_adapter(model, tokenizer, test, p, predictions)
+    # The test loss and the task on the whole test split, against the adapter's.
+    primary, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
     check.update(scores, **{f"adapter_{k}": v for k, v in adapter.items()})
     hold_to_tolerance(check, primary, p.export)
 
@@ -410,7 +431,7 @@ def main():
         if p.export.gguf != "none":
             del model
             gguf = write_gguf(out, p.export.gguf, source_gguf(p.base))
-            gguf_check, meta = check_gguf(gguf, p, reference, examples, test, adapter, predictions, tokenizer)
+            gguf_check, meta = check_gguf(gguf, p, reference, examples, test, adapter, adapter_rows, tokenizer)
             check.update(gguf_check)
             (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, meta["add_bos_token"]))
     write_json(metrics_dir / "export.json", dict(exported=True, **check, disk_mb=round(size / 2**20, 1)))

@@ -129,7 +129,7 @@ def test_experiment_push_pull_and_apply(tiny_project, s3, tmp_path):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], c).stdout)
     wide = next(e["revs"][0]["data"] for b in shown for e in b.get("experiments") or [] if e["name"] == "wide")
     assert wide["params"]["params.yaml"]["data"]["lora"]["r"] == 16
-    assert wide["metrics"]["metrics/scores.json"]["data"]["test_accuracy"] == accuracy
+    assert wide["metrics"]["metrics/scores.json"]["data"]["accuracy"] == accuracy
     run(["dvc", "exp", "apply", "wide"], c)
     assert json.loads((c / "models/adapter/adapter_config.json").read_text())["r"] == 16
     assert (c / "models/adapter/adapter_model.safetensors").read_bytes() == adapter
