@@ -627,7 +627,7 @@ def main(argv=None):
                                                 "exps, compare: baseline commits whose experiments to show")
     parser.add_argument("-o", "--out", default=None, help="output folder (default reports/plots or reports)")
     parser.add_argument("--exps", nargs="+", default=None, metavar="NAME",
-                        help="exps, compare: only these experiments (and the commit they are based on)")
+                        help="exps, compare: only these runs (experiments, or a commit such as main: name it to keep it)")
     parser.add_argument("--screenshot", default=None, metavar="PNG",
                         help="plots, compare: also a picture of the page, from headless Chromium")
     parser.add_argument("--size", default="1280x1600", help="--screenshot: the window, WIDTHxHEIGHT")
