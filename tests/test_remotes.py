@@ -114,7 +114,7 @@ def test_push_then_a_fresh_clone_pulls_and_reproduces_nothing(tiny_project, s3, 
     assert os.path.samefile(weights, c / ".dvc/cache/files/md5" / h[:2] / h[2:])
 
 
-def test_experiment_push_pull_and_apply(tiny_project, s3, tmp_path):
+def test_experiment_push_pull_and_apply(tiny_project, s3, tmp_path, monkeypatch):
     p = tiny_project
     publish(p, tmp_path / "origin.git")
     s3.configure_dvc(p)
@@ -130,6 +130,12 @@ def test_experiment_push_pull_and_apply(tiny_project, s3, tmp_path):
     wide = next(e["revs"][0]["data"] for b in shown for e in b.get("experiments") or [] if e["name"] == "wide")
     assert wide["params"]["params.yaml"]["data"]["lora"]["r"] == 16
     assert wide["metrics"]["metrics/scores.json"]["data"]["accuracy"] == accuracy
+    # DVC's own table of the run beside the commit, as a 200-column terminal shows it: every column whole
+    # (DVC folds what does not fit into one … column), the lever and one dependency hash among them.
+    monkeypatch.setenv("COLUMNS", "200")
+    table = run(["dvc", "exp", "show", "--only-changed", "--no-pager"], c).stdout
+    header = table.splitlines()[1].split()
+    assert "…" not in table and {"lora.r", "models/adapter"} <= set(header) and len(header) <= 20, table
     run(["dvc", "exp", "apply", "wide"], c)
     assert json.loads((c / "models/adapter/adapter_config.json").read_text())["r"] == 16
     assert (c / "models/adapter/adapter_model.safetensors").read_bytes() == adapter
