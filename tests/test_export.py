@@ -36,6 +36,9 @@ def test_tolerance(reproduced_project):
     assert check["float32_argmax_agreement"] > 0.9, "the floor itself: the same model, another dtype"
     # the export's accuracy differs from the adapter's only by answers that differ from the adapter's
     assert abs(check["test_accuracy"] - check["adapter_test_accuracy"]) <= 1 - check["answer_agreement"] + 1e-9
+    # the adapter's answers and losses, computed by the export stage itself, are the ones evaluate scored
+    scored = json.loads((p / "metrics/evaluate.json").read_text())
+    assert (check["adapter_test_loss"], check["adapter_test_accuracy"]) == (scored["test_loss"], scored["test_accuracy"])
 
 
 def logits_on_test(model, project, count=8):
