@@ -216,3 +216,10 @@ def test_every_link_between_the_pages_leads_somewhere():
                 if anchor not in headings:
                     broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+def test_every_cost_figure_dvc_lists_counts_as_a_cost():
+    # after-repro says the metrics that differ after a fresh repro are costs only when each is in COST_KEYS
+    from stages.evaluate import COST
+
+    assert set(COST) | set(COST.values()) <= docs.COST_KEYS
