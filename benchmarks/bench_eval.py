@@ -60,13 +60,15 @@ def main():
     stop_ids = load_format(paths["tokenized"])["stop_token_ids"]
 
     def four_bit(training_path):
-        return PeftModel.from_pretrained(load_model(paths["quantized"], bnb_cpu_inference=not training_path),
+        return PeftModel.from_pretrained(load_model(paths["quantized"], p.quantize.compute_dtype,
+                                                    bnb_cpu_inference=not training_path),
                                          paths["adapter"])
 
     models = {
         "4-bit, bnb CPU path": four_bit(False),
         "4-bit, training path": four_bit(True),
-        "bf16": PeftModel.from_pretrained(dequantized(paths["quantized"]).to(torch.bfloat16), paths["adapter"]),
+        "bf16": PeftModel.from_pretrained(dequantized(paths["quantized"], p.quantize.compute_dtype).to(torch.bfloat16),
+                                          paths["adapter"]),
     }
     times = {name: {"loss": [], "generate": []} for name in models}
     answers, losses = {}, {}

@@ -110,7 +110,7 @@ def evaluation(project, loss_examples, answers):
 
     p = parse_params(project / "params.yaml")
     test = load_split(project / "data/tokenized", "test")
-    model = load_model(ROOT / p.paths.quantized)
+    model = load_model(ROOT / p.paths.quantized, p.quantize.compute_dtype)
     tokenizer = AutoTokenizer.from_pretrained(ROOT / p.paths.tokenizer)
     sample = test.select(range(min(loss_examples, len(test))))
     start = time.perf_counter()

@@ -106,15 +106,17 @@ def column(tsv):
     return [float(line.split("\t")[1]) for line in tsv.read_text().splitlines()[1:]] if tsv.exists() else []
 
 
-def ours(scratch, steps, overrides):
+def ours(scratch, steps, overrides, env=None):
     """The train stage on a scratch copy of params, reading the project's outputs in place, timed by its
-    whole training loop: the wall time of `trainer.train()` less its val-loss passes."""
+    whole training loop: the wall time of `trainer.train()` less its val-loss passes; `env` adds to the
+    environment (a kernel cap)."""
     work = scratch / "ours"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     write_params(work, [f"train.max_steps={steps}", "train.logging_steps=1", f"train.eval_steps={10 * steps}",
                         *overrides])
-    out, wall, rss = run_measured([sys.executable, "-m", "stages.train"], work, child_env(), scratch / "ours.log")
+    out, wall, rss = run_measured([sys.executable, "-m", "stages.train"], work, child_env(**(env or {})),
+                                  scratch / "ours.log")
     train = json.loads((work / "metrics/train.json").read_text())
     live = work / "metrics/live/plots/metrics"
     tokens = column(live / "train/num_tokens.tsv")[-1]  # SFTTrainer's count of its batches, as trl sft's

@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # What makes the pipeline's outputs a benchmark reads (data/tokenized, models/quantized).
 UPSTREAM = ["stages/base.py", "stages/prepare.py", "stages/tokenize.py", "stages/quantize.py", "params.yaml"]
 # The train stage and what it imports that shapes a step (outputs, console and trial only write or log).
-TRAIN_STAGE = ["stages/train.py", "qlora/models.py", "qlora/lean.py", "qlora/params.py", "qlora/cost.py",
+TRAIN_STAGE = ["stages/train.py", "qlora/models.py", "qlora/precision.py", "qlora/lean.py", "qlora/params.py", "qlora/cost.py",
                "qlora/cores.py", "qlora/splits.py", "qlora/checkpoints.py"]
 # The whole pipeline as `dvc repro` runs it.
 PIPELINE = ["dvc.yaml", "params.yaml", "stages/validate.py", "stages/base.py", "stages/prepare.py",
             "stages/tokenize.py", "stages/quantize.py", "stages/train.py", "stages/evaluate_base.py",
             "stages/evaluate.py", "stages/export.py", "qlora/checkpoints.py", "qlora/gguf_convert.py", "qlora/console.py", "qlora/cores.py",
-            "qlora/cost.py", "qlora/lean.py", "qlora/models.py", "qlora/outputs.py", "qlora/params.py",
+            "qlora/cost.py", "qlora/lean.py", "qlora/models.py", "qlora/outputs.py", "qlora/params.py", "qlora/precision.py",
             "qlora/scoring.py", "qlora/splits.py", "qlora/trial.py", "qlora/evaluate_modules/accuracy/accuracy.py",
             "qlora/evaluate_modules/f1/f1.py"]
 

@@ -11,7 +11,11 @@ def quantization_config(q):
     """The BitsAndBytesConfig for params `quantize`; None for 16 bit (plain LoRA)."""
     from transformers import BitsAndBytesConfig
 
-    compute_dtype = getattr(torch, q.compute_dtype)
+    from qlora.precision import storage_dtype
+
+    # `auto` resolves where the model is loaded (load_model); what the quantize stage stores is the same
+    # on every machine.
+    compute_dtype = getattr(torch, storage_dtype(q.compute_dtype))
     if q.bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -27,8 +31,11 @@ def quantization_config(q):
     return None
 
 
-def load_model(path, bnb_cpu_inference=False):
-    """A model saved by the quantize stage; the bitsandbytes config travels in its config.json.
+def load_model(path, compute_dtype, bnb_cpu_inference=False):
+    """A model saved by the quantize stage (the bitsandbytes config travels in its config.json), computing
+    in `compute_dtype` (params `quantize.compute_dtype`) with `auto` resolved here, on the machine that runs
+    it: qlora/precision.py. One console line says which dtype and why; `model.compute_precision` keeps it
+    for the stage's records.
 
     Every stage runs 4-bit layers through the path training uses (dequantize, then a matmul in
     the compute dtype), for training, mid-training evaluation, evaluation and generation alike:
@@ -38,10 +45,25 @@ def load_model(path, bnb_cpu_inference=False):
     renders the figures); `bnb_cpu_inference=True` keeps the
     packed path, for that benchmark only.
     """
+    import json
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device()}, use_safetensors=True)
+    from qlora.outputs import log
+    from qlora.precision import compute_in, resolve
+
+    precision = resolve(compute_dtype, device())
+    quantized = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    # Unquantized (quantize.bits 16), every weight is a matmul's: loaded in the compute dtype. Quantized,
+    # the unquantized weights keep the dtype they were stored in (compute_in).
+    model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device()}, use_safetensors=True,
+                                                 **({} if quantized else {"dtype": precision.torch_dtype}))
     model.config.use_cache = False
+    if quantized:
+        compute_in(model, precision)
+    model.compute_precision = precision
+    log(f"computing in {precision.dtype}: {precision.reason}")
     if not bnb_cpu_inference:
         keep_4bit_weights_trainable(model)
     return model

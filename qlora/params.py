@@ -96,6 +96,7 @@ TASKS = ("auto", "classification", "generation")
 BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+# quantize.compute_dtype may also be auto: resolved per machine where the model is loaded (qlora/precision.py)
 GGUF_TYPES = ("none", "q8_0", "f16", "bf16", "f32")  # what llama.cpp's converter writes (its --outtype)
 LORA_BIASES = ("none", "all", "lora_only")
 # How peft initialises the adapter (LoraConfig.init_lora_weights; stages/train.py maps them).
@@ -196,7 +197,7 @@ class Quantize:
     bits: choice(*BITS)
     quant_type: choice(*QUANT_TYPES)
     double_quant: Bool
-    compute_dtype: choice(*COMPUTE_DTYPES)
+    compute_dtype: choice("auto", *COMPUTE_DTYPES)
     quant_storage: choice("uint8", *COMPUTE_DTYPES)
 
 

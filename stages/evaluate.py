@@ -39,8 +39,8 @@ from qlora.scoring import (PRIMARY, answer_budget, decode_answers, example_losse
 from qlora.splits import load_format, load_split
 
 BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metrics
-PARAMS = ["evaluate", "data.labels", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
-          "paths.metrics"]
+PARAMS = ["evaluate", "data.labels", "quantize.compute_dtype", "paths.quantized", "paths.tokenizer", "paths.tokenized",
+          "paths.adapter", "paths.metrics"]
 # metrics/scores.json, what `dvc exp show` lists: {its key: the figure's key in evaluate.json}, and COST
 # {its key: the figure's key in train.json, read from the adapter's RUN_RECORD}. The keys are short because
 # DVC names its columns by them: a run and the default, compared with `dvc exp show --only-changed`, fit
@@ -150,7 +150,7 @@ def main():
     base_rows = json.loads((metrics_dir / BASE_ANSWERS).read_text())
     trained = json.loads((Path(p.paths.adapter) / RUN_RECORD).read_text())
     curve = val_curve_summary(trained["val_curve"], trained["steps"] / trained["epochs"], e.overfitting_rise_pct)
-    model = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
+    model = PeftModel.from_pretrained(load_model(p.paths.quantized, p.quantize.compute_dtype), p.paths.adapter)
 
     per_example = {name: example_losses(model, split, e.batch_size, desc=f"{name} loss") for name, split in
                    (("train", train), ("val", val), ("test", test))}
@@ -170,6 +170,7 @@ def main():
         gap_ratio=round(losses["val"]["loss"] / losses["train"]["loss"], 3),
         **curve,
         base_test_loss=base_metrics["test_loss"],
+        **model.get_base_model().compute_precision.record(),  # quantize.compute_dtype as resolved here, and why
     )
     # 95% percentile-bootstrap intervals over the test examples; the gains paired (the same resamples
     # of the same examples for both models), so that what both get right or wrong cancels out.

@@ -18,7 +18,7 @@ from qlora.scoring import (answer_budget, example_losses, generate_answers, inte
 from qlora.splits import load_format, load_split
 
 BASE_ANSWERS = "base_answers.json"  # under paths.metrics
-PARAMS = ["evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens", "data.labels",
+PARAMS = ["evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens", "data.labels", "quantize.compute_dtype",
           "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.metrics"]
 
 
@@ -33,14 +33,15 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     test = load_split(p.paths.tokenized, "test")
     max_new_tokens = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
-    model = load_model(p.paths.quantized)
+    model = load_model(p.paths.quantized, p.quantize.compute_dtype)
 
     sums, counts = example_losses(model, test, e.batch_size, desc="test loss")
     loss = loss_summary(sums, counts)
     stop_ids = load_format(p.paths.tokenized)["stop_token_ids"]
     answers = generate_answers(model, tokenizer, test, e.batch_size, max_new_tokens, stop_ids, desc="test answers")
     scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
-    metrics = dict(task=task, max_new_tokens=max_new_tokens, test_loss=loss["loss"],
+    metrics = dict(task=task, max_new_tokens=max_new_tokens, **model.compute_precision.record(),
+                   test_loss=loss["loss"],
                    test_perplexity=loss["perplexity"], **{f"test_{k}": v for k, v in scores.items()})
     samples = metric_samples(task, answers, rows, test["completion"], sums, counts, resampled(len(test)))
     for name, values in samples.items():

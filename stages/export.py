@@ -51,14 +51,14 @@ PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
           "paths.adapter", "paths.export", "paths.metrics"]
 
 
-def dequantized(path):
+def dequantized(path, compute_dtype):
     """The model saved by the quantize stage with its weights dequantized to float32, as a
     plain model: save_pretrained refuses one that remembers it was loaded quantized."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    loaded = load_model(path)
+    loaded = load_model(path, compute_dtype)
     if is_quantized(loaded):
         loaded = loaded.dequantize()  # transformers replaces each bitsandbytes layer by an nn.Linear
     config = loaded.config
@@ -397,20 +397,21 @@ def main():
     examples = test["input_ids"][: p.export.check_examples]
     metrics_dir = Path(p.paths.metrics)
 
-    trained = PeftModel.from_pretrained(load_model(p.paths.quantized), p.paths.adapter)
+    trained = PeftModel.from_pretrained(load_model(p.paths.quantized, p.quantize.compute_dtype), p.paths.adapter)
+    precision = trained.get_base_model().compute_precision  # the reference computes as training did
     reference = logits(trained, examples, p.evaluate.batch_size)  # the model as trained and evaluated
     adapter_rows = adapter_answers(trained, tokenizer, test, p)
     del trained
     adapter = adapter_scores(adapter_rows, PRIMARY[resolve_task(p.evaluate.task, p.data.labels)])
 
-    model = PeftModel.from_pretrained(dequantized(p.paths.quantized), p.paths.adapter)
+    model = PeftModel.from_pretrained(dequantized(p.paths.quantized, p.quantize.compute_dtype), p.paths.adapter)
     unmerged = logits(model, examples, p.evaluate.batch_size)
     model = model.merge_and_unload()
     merge_error = max((m - u).abs().max().item() for m, u in zip(logits(model, examples, p.evaluate.batch_size), unmerged))
     model = model.to(dtype)
     model.config.dtype = dtype
     floor = compare(unmerged, reference)
-    check = dict(dtype=p.export.dtype, check_examples=len(examples),
+    check = dict(dtype=p.export.dtype, **precision.record(), check_examples=len(examples),
                  merge_max_abs_diff=round(merge_error, 6),
                  float32_max_abs_logit_diff=floor["max_abs_logit_diff"],
                  float32_argmax_agreement=floor["argmax_agreement"],

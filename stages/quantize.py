@@ -15,6 +15,7 @@ from qlora.console import done, quiet_known_noise
 from qlora.models import device, quantization_config
 from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import load_params
+from qlora.precision import storage_dtype
 
 PARAMS = ["quantize", "paths.base", "paths.quantized", "paths.metrics"]
 
@@ -50,7 +51,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(
         p.paths.base,
         quantization_config=quantization_config(q),
-        dtype=getattr(torch, q.compute_dtype),
+        dtype=getattr(torch, storage_dtype(q.compute_dtype)),  # auto: bf16 storage, resolved at load
         device_map={"": device()},
         use_safetensors=True,
     )

@@ -36,11 +36,12 @@ from qlora.models import (device, fast_lora_dropout, head_grads_upcast_in_slices
                           score_labelled_positions_only)
 from qlora.outputs import RUN_RECORD, atomic_dir, log, write_json
 from qlora.params import ParamsError, load_params
+from qlora.precision import resolve
 from qlora.splits import load_split
 
 LIVE_DIR = "live"  # under paths.metrics: dvclive's curves, declared as plots in dvc.yaml
 VAL_CURVE = "plots/metrics/eval/loss.tsv"  # under LIVE_DIR: the val curve plotted, copied into the adapter's RUN_RECORD
-PARAMS = ["lora", "train", "paths.base", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
+PARAMS = ["lora", "train", "quantize.compute_dtype", "paths.base", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
           "paths.checkpoints", "paths.metrics"]
 
 
@@ -446,7 +447,7 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
     offloading(p.train)
     set_seed(p.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
-    model = load_model(p.paths.quantized)  # 4-bit layers off the AVX512-BF16 trap: qlora/models.py
+    model = load_model(p.paths.quantized, p.quantize.compute_dtype)  # 4-bit layers off the AVX512-BF16 trap
     targets = p.lora.target_modules  # a list of names, or all-linear (peft finds them)
     missing = sorted(set(targets) - module_names(model)) if isinstance(targets, list) else []
     if missing:
@@ -454,13 +455,14 @@ def build_trainer(p, output_dir, callbacks=(), resuming=False):
                           f"(it has: {', '.join(sorted(module_names(model)))})")
     # No peft.prepare_model_for_kbit_training: it upcasts every non-quantized weight (embeddings, norms,
     # 28M of SmolLM2's 135M) to float32, which autocast then casts back to bf16 at each use: slower
-    # per step, and more memory. The weights stay in quantize.compute_dtype, as `trl sft` keeps them;
-    # the Trainer enables input gradients itself when gradient checkpointing is on.
+    # per step, and more memory. The weights stay in their stored dtype, as `trl sft` keeps them (computing
+    # in float32, qlora/precision.py); the Trainer enables input gradients itself when gradient
+    # checkpointing is on.
     train_set = load_split(p.paths.tokenized, "train")
     model.set_attn_implementation(attention(p.train, train_set))
-    # The quantize stage stored the model in quantize.compute_dtype; autocast to the same.
-    bf16 = model.config.dtype == torch.bfloat16
-    fp16 = model.config.dtype == torch.float16 and torch.cuda.is_available()  # no fp16 autocast on CPU
+    # Autocast to the compute dtype, quantize.compute_dtype as resolved here; float16 trains with loss scaling.
+    bf16 = model.compute_precision.dtype == "bfloat16"
+    fp16 = model.compute_precision.dtype == "float16" and torch.cuda.is_available()  # no fp16 autocast on CPU
     score_labelled_positions_only()
     head_grads_upcast_in_slices()
     trainer = SFTTrainer(
@@ -607,7 +609,9 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p, pru
     tokens = state.num_input_tokens_seen - throughput.start_tokens
     tokens_per_second = tokens / throughput.training_seconds
     low, high = cores.threads_used()
+    precision = resolve(p.quantize.compute_dtype, device())  # as load_model resolved it (once a process)
     return dict(
+        **precision.record(),  # quantize.compute_dtype as resolved on this machine, and why
         trainable_parameters=trainable,
         trainable_fraction=round(trainable / total, 6),
         mean_loss=round(mean_logged_loss(state.log_history), 4),  # the whole run; evaluate.json has train_loss
@@ -617,7 +621,7 @@ def train_metrics(trainer, throughput, seconds, resume, trainable, total, p, pru
         seconds=round(seconds, 1),  # wall time of training in this process, evaluations included
         tokens_per_second=round(tokens_per_second, 1),  # non-padding, evaluations excluded
         mfu=cost.mfu(trainer.model.config, mean_tokens(trainer.train_dataset), trainable, tokens_per_second,
-                     high * world.num_processes),
+                     high * world.num_processes, precision.dtype),  # over the peak of that dtype on these kernels
         peak_memory_mb=cost.peak_memory_mb(),  # this process: peak RSS on CPU, the most allocated on CUDA
         stopped_early=state.global_step < state.max_steps,
         pruned=bool(pruning and pruning.pruned_at is not None),  # stopped by its study's pruner (train.trial)

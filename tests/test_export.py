@@ -66,7 +66,7 @@ def test_exported_model_stands_alone_and_matches_the_adapter(reproduced_project)
     assert exported.dtype == torch.bfloat16
     assert AutoTokenizer.from_pretrained(out).chat_template, "the tokenizer travels with its chat template"
 
-    trained = PeftModel.from_pretrained(load_model(p / "models/quantized"), p / "models/adapter")
+    trained = PeftModel.from_pretrained(load_model(p / "models/quantized", "auto"), p / "models/adapter")
     reference = logits_on_test(trained, p)
     merged = max_diff(logits_on_test(exported, p), reference)
     assert merged <= json.loads((p / "metrics/export.json").read_text())["max_abs_logit_diff"] + 1e-3

@@ -165,7 +165,7 @@ def test_the_speed_levers_of_train_hold_for_other_families(project, request, mon
 
     p, _ = request.getfixturevalue(project)
     as_on_a_trap_cpu(monkeypatch)
-    assert eval_pass_repacks(load_model(p / "models/quantized")) == []
+    assert eval_pass_repacks(load_model(p / "models/quantized", "auto")) == []
     from qlora.models import device
 
     assert json.loads((p / "metrics/train.json").read_text())["attention"] == ("eager" if device() == "cpu" else "sdpa")

@@ -30,7 +30,7 @@ def test_the_shipped_params_are_valid():
     ("quantize.bits", 3, "quantize.bits must be one of 4, 8, 16, got 3"),
     ("quantize.quant_type", "nf3", "quantize.quant_type must be one of nf4, fp4, got 'nf3'"),
     ("quantize.double_quant", "yes", "quantize.double_quant must be true or false, got 'yes'"),
-    ("quantize.compute_dtype", "int4", "quantize.compute_dtype must be one of bfloat16, float16, float32"),
+    ("quantize.compute_dtype", "int4", "quantize.compute_dtype must be one of auto, bfloat16, float16, float32"),
     ("train.learning_rate", "fast", "train.learning_rate must be a number, got 'fast'"),
     ("train.optimizer", "adam", "train.optimizer must be one of"),
     ("lora.target_modules", [], "lora.target_modules must be a non-empty list"),

@@ -393,7 +393,7 @@ def test_every_stage_loads_4bit_layers_on_the_training_path(tiny_project, monkey
     as_on_a_trap_cpu(monkeypatch)
     plain = AutoModelForCausalLM.from_pretrained(tiny_project / "models/quantized")
     assert eval_pass_repacks(plain), "the trap this guards against, in this bitsandbytes"
-    assert eval_pass_repacks(load_model(tiny_project / "models/quantized")) == []
+    assert eval_pass_repacks(load_model(tiny_project / "models/quantized", "auto")) == []
 
 
 def test_fast_lora_dropout_is_dropout():

@@ -611,6 +611,8 @@ RESULTS = {
         "benchmarks/bench_matmul_dtype.py", "rows", ".venv/bin/python benchmarks/bench_matmul_dtype.py",
         lambda r: " x ".join(map(str, r["shape"])) + (", native bf16" if r["native_bf16"] else ", no native bf16")
         + (f" ({r['isa_cap'].upper()} cap)" if r.get("isa_cap") else "")),
+    "benchmarks/results/compute-dtype": Written(
+        "benchmarks/bench_compute_dtype.py", None, ".venv/bin/python benchmarks/bench_compute_dtype.py"),
     "benchmarks/results/tune-workers": Written(
         "benchmarks/bench_tune_workers.py", "studies",
         ".venv/bin/python benchmarks/bench_tune_workers.py --workers 2 --trials 6", lambda r: r["study"]),
