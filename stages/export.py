@@ -272,13 +272,21 @@ def load_gguf(path, dtype=None):
         return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), gguf_metadata(path)
 
 
-def check_gguf(path, p, reference, examples, test, adapter, adapter_rows, tokenizer):
-    """The GGUF against the quantized base + adapter: logits on the check examples, and test loss, answers
-    and task metric on the whole test split. Returns those figures (keys prefixed gguf_) and the file's
-    metadata; raises when they are out of tolerance."""
+def checking_dtype(dtype, precision):
+    """The dtype the exported model's checks compute in: export.dtype where this machine computes it fast (its
+    resolved quantize.compute_dtype) or where it is float32, else float32. The weights are those saved, rounded
+    to export.dtype (exact in float32); on a CPU without native bf16 the checks of a bf16 export then take
+    float32's fast kernels, not bf16's slow path."""
     import torch
 
-    model, gguf_tokenizer, meta = load_gguf(path, getattr(torch, p.export.dtype))
+    return dtype if dtype in (precision.torch_dtype, torch.float32) else torch.float32
+
+
+def check_gguf(path, p, reference, examples, test, adapter, adapter_rows, tokenizer, dtype):
+    """The GGUF against the quantized base + adapter: logits on the check examples, and test loss, answers
+    and task metric on the whole test split. Returns those figures (keys prefixed gguf_) and the file's
+    metadata; raises when they are out of tolerance. `dtype`: what the checks compute in (checking_dtype)."""
+    model, gguf_tokenizer, meta = load_gguf(path, dtype)
     if gguf_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SystemExit(f"export: the vocabulary inside {path.name} differs from the tokenizer's; nothing was exported")
     primary, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
@@ -408,10 +416,13 @@ def main():
     unmerged = logits(model, examples, p.evaluate.batch_size)
     model = model.merge_and_unload()
     merge_error = max((m - u).abs().max().item() for m, u in zip(logits(model, examples, p.evaluate.batch_size), unmerged))
-    model = model.to(dtype)
+    model = model.to(dtype)  # the weights as saved
     model.config.dtype = dtype
+    checked_in = checking_dtype(dtype, precision)
+    model = model.to(checked_in)  # in place, exact: the checks below see the saved weights
     floor = compare(unmerged, reference)
-    check = dict(dtype=p.export.dtype, **precision.record(), check_examples=len(examples),
+    check = dict(dtype=p.export.dtype, **precision.record(), checked_in=str(checked_in).removeprefix("torch."),
+                 check_examples=len(examples),
                  merge_max_abs_diff=round(merge_error, 6),
                  float32_max_abs_logit_diff=floor["max_abs_logit_diff"],
                  float32_argmax_agreement=floor["argmax_agreement"],
@@ -425,6 +436,7 @@ def main():
     hold_to_tolerance(check, primary, p.export)
 
     with atomic_dir(p.paths.export) as out:  # replaces the last export only if the GGUF passes too
+        model = model.to(dtype)
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         (out / "README.md").write_text(model_card(p, model.config, data_version(p), params, adapter, check))
@@ -432,7 +444,8 @@ def main():
         if p.export.gguf != "none":
             del model
             gguf = write_gguf(out, p.export.gguf, source_gguf(p.base))
-            gguf_check, meta = check_gguf(gguf, p, reference, examples, test, adapter, adapter_rows, tokenizer)
+            gguf_check, meta = check_gguf(gguf, p, reference, examples, test, adapter, adapter_rows, tokenizer,
+                                          checked_in)
             check.update(gguf_check)
             (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, meta["add_bos_token"]))
     write_json(metrics_dir / "export.json", dict(exported=True, **check, disk_mb=round(size / 2**20, 1)))

@@ -190,8 +190,8 @@ def set_params(path, overrides):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(cmd, cwd, check=True):
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def run(cmd, cwd, check=True, env=None):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {}))
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -215,9 +215,13 @@ def locked_stages(project):
     return {name: entry for name, entry in stages.items() if name != "validate"}
 
 
-def repro(project):
+# The kernels capped at AVX2 (torch reads these at import): a CPU without native bf16, on any CPU
+AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def repro(project, env=None):
     """`dvc repro`, commit the result, and return the names of the stages that ran."""
-    out = run(["dvc", "repro"], project)
+    out = run(["dvc", "repro"], project, env=env)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "repro", "--allow-empty"], project)
     return set(re.findall(r"Running stage '(\w+)'", out.stdout))

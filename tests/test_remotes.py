@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from conftest import repro, run
+from conftest import AVX2_CAP, repro, run
 from tools.s3server import BUCKET, S3Server
 
 PREFIX = "qlora"  # configure_dvc's path in the bucket
@@ -103,11 +103,16 @@ def test_push_then_a_fresh_clone_pulls_and_reproduces_nothing(tiny_project, s3, 
         assert f"{BUCKET}/{PREFIX}/files/md5/{h[:2]}/{h[2:]}" in objects, f"{out}/{name} is on the remote"
     assert corrupt_objects(fs, f"{BUCKET}/{PREFIX}") == []
 
+    # The teammate's machine has no native bf16 (the kernels capped at AVX2): compute_dtype auto is
+    # resolved where the model is loaded, so nothing reruns for it, and their own experiment trains in float32.
     c = clone(tmp_path / "origin.git", tmp_path / "teammate", s3)
-    run(["dvc", "pull"], c)
-    assert "up to date" in run(["dvc", "status"], c).stdout
-    assert repro(c) == set(), "the pulled outputs are exactly what the pipeline would produce"
+    run(["dvc", "pull"], c, env=AVX2_CAP)
+    assert "up to date" in run(["dvc", "status"], c, env=AVX2_CAP).stdout
+    assert repro(c, env=AVX2_CAP) == set(), "the pulled outputs are exactly what the pipeline would produce"
     assert (c / "metrics/evaluate.json").read_text() == (p / "metrics/evaluate.json").read_text()
+    run(["dvc", "exp", "run", "-S", "lora.r=4"], c, env=AVX2_CAP)
+    for record in ("train", "evaluate", "export"):
+        assert json.loads((c / f"metrics/{record}.json").read_text())["compute_dtype"] == "float32", record
     # The workspace links into the cache (cache.type): a model is on disk once.
     weights = c / "models/quantized/model.safetensors"
     h = file_md5(c, "models/quantized", "model.safetensors")

@@ -230,6 +230,27 @@ def console():
     return "\n".join([f"`make repro` in a fresh clone, {r['machine']}, {r['date']}:", "", "```text", log, "```"])
 
 
+def compute_dtype():
+    """The default's train stage at each quantize.compute_dtype, as is and capped at AVX2
+    (benchmarks/bench_compute_dtype.py)."""
+    r = read("compute-dtype", "benchmarks/results")
+    lines = ["| kernels | `compute_dtype` | computed in | steps | tokens/s | peak RSS (MB) | final loss |",
+             "|---|---|---|---|---|---|---|"]
+    for kernels, rows in (("as is", r["native"]), ("capped at AVX2", r["capped"])):
+        for name, m in rows.items():
+            lines.append(f"| {kernels} | {name} | {m['resolved']} | {m['steps']} | {m['tokens_per_second']} | "
+                         f"{m['rss_mb']} | {m['final_loss'] if m['steps'] == r['steps'] else '(fewer steps)'} |")
+    floor = r["seed_floor"]
+    lines += ["", f"One run each, one after the other, {r['machine']}, {r['date']}. Capped at AVX2 (a CPU without "
+                  f"native bf16), `auto` computed in {r['capped']['auto']['resolved']} and trained at "
+                  f"{times(r['capped_auto_vs_bf16'], 1)} the tokens/s of forced bf16 there, and at "
+                  f"{times(r['capped_auto_vs_native_auto'])} those of `auto` on the same CPU uncapped. Its final "
+                  f"loss is {r['capped_auto_loss_difference']} from forced bf16's as is; the final losses of "
+                  f"{floor['seeds']} seeds of that run (each the loss of its last batch, which the seed draws) spread over "
+                  f"{floor['spread']}."]
+    return "\n".join(lines)
+
+
 def eval_4bit():
     """The evaluate stage's passes, 4-bit against bf16 (benchmarks/bench_eval.py)."""
     r = read("eval-4bit-vs-bf16", "benchmarks/results")
@@ -573,6 +594,7 @@ BLOCKS = {
     "after-repro": after_repro,
     "console": console,
     "eval-4bit": eval_4bit,
+    "compute-dtype": compute_dtype,
     "profile-step": profile("profile-step"),
     "levers-speed": levers_speed,
     "export-check": export_check,
