@@ -63,7 +63,8 @@ def load_model(path, compute_dtype, bnb_cpu_inference=False):
     if quantized:
         compute_in(model, precision)
     model.compute_precision = precision
-    log(f"computing in {precision.dtype}: {precision.reason}")
+    measured = f"; {precision.measured}" if precision.measured else ""
+    log(f"computing in {precision.dtype}: {precision.reason}{measured}")
     if not bnb_cpu_inference:
         keep_4bit_weights_trainable(model)
     return model

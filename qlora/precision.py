@@ -5,10 +5,10 @@ the model, where it is loaded (not by the machine that quantized it).
 - bfloat16 on a CUDA GPU that computes it (compute capability 8.0 and up: A100, H100, RTX 30xx on);
 - float16 on an older GPU (T4, V100), trained with loss scaling (the Trainer's fp16);
 - on a CPU, bfloat16 where its matmuls run natively (AVX512-BF16 or AMX), else float32. A CPU without
-  them runs torch's bf16 matmul on a slow path, 26-49x slower than float32 at the default's shapes
-  (benchmarks/results/cpu-matmul-dtype.json). What decides is a short timed probe, not the CPU's flags:
-  kernels capped below the CPU's instructions (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY) run the slow
-  path on a CPU whose flags say bf16.
+  them runs torch's bf16 matmul on a slow path, many times slower than float32 at the default's shapes
+  (benchmarks/results/cpu-matmul-dtype.json, `bf16_over_float32`). What decides is a short timed probe,
+  not the CPU's flags: kernels capped below the CPU's instructions (ONEDNN_MAX_CPU_ISA,
+  ATEN_CPU_CAPABILITY) run the slow path on a CPU whose flags say bf16.
 
 A model quantized with `auto` stores its weights that stay unquantized (embeddings, norms, the head) in
 bfloat16 whatever the machine, so the quantize stage's output is the same everywhere. Where float32 is
@@ -26,16 +26,18 @@ import torch
 AUTO = "auto"
 AUTO_STORAGE = "bfloat16"  # what `auto` stores unquantized weights in: half of float32, exact in either compute
 # A CPU computes bf16 natively when its bf16 matmul takes at most this many times float32's: native kernels
-# measure 0.3-1.5x (AMX and AVX512-BF16 faster than float32, others about even), the slow path 26-49x.
+# are about as fast as float32's or faster, the slow path an order of magnitude slower or more
+# (benchmarks/results/cpu-matmul-dtype.json, `bf16_over_float32` of each kind of CPU).
 NATIVE_UP_TO = 3.0
-PROBE_SHAPE = (128, 576, 1536)  # tokens x in x out: a default batch's MLP matmul, cut to stay under 0.1 s
+PROBE_SHAPE = (128, 576, 1536)  # tokens x in x out: a default batch's MLP matmul, cut to a few reps' worth
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 @dataclass(frozen=True)
 class Precision:
     dtype: str  # the dtype the matmuls run in: bfloat16, float16 or float32
-    reason: str  # why, in words for the console and the run's records
+    reason: str  # why, in words for the console and the run's records: the same in every run on this machine
+    measured: str = ""  # what the probe timed, for the console only (it differs from run to run)
 
     @property
     def torch_dtype(self):
@@ -90,12 +92,11 @@ def resolve(setting, device):
         return Precision("float16", f"auto: {torch.cuda.get_device_name()} (compute capability {major}.{minor}) "
                                     "has no bf16; float16 with loss scaling")
     ratio = cpu_bf16_over_float32()
-    capped = f", kernels capped ({isa_cap()})" if isa_cap() else ""
+    capped = f" (kernels capped: {isa_cap()})" if isa_cap() else ""
+    measured = f"a bf16 matmul took {ratio:.2f}x the time of a float32 one"
     if ratio <= NATIVE_UP_TO:
-        return Precision("bfloat16", f"auto: this CPU multiplies bf16 natively (bf16 matmul {ratio:.2f}x "
-                                     f"float32's time{capped})")
-    return Precision("float32", f"auto: this CPU has no native bf16 matmul (bf16 {ratio:.0f}x float32's "
-                                f"time{capped}); float32 instead")
+        return Precision("bfloat16", f"auto: this CPU multiplies bf16 natively{capped}", measured)
+    return Precision("float32", f"auto: this CPU has no native bf16 matmul{capped}", measured)
 
 
 def _head_in_compute_dtype(head, dtype, rows=8192):

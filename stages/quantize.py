@@ -51,7 +51,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(
         p.paths.base,
         quantization_config=quantization_config(q),
-        dtype=getattr(torch, storage_dtype(q.compute_dtype)),  # auto: bf16 storage, resolved at load
+        dtype=getattr(torch, storage_dtype(q.compute_dtype)),  # auto: bf16 storage, the compute resolved at load
         device_map={"": device()},
         use_safetensors=True,
     )

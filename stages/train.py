@@ -41,8 +41,8 @@ from qlora.splits import load_split
 
 LIVE_DIR = "live"  # under paths.metrics: dvclive's curves, declared as plots in dvc.yaml
 VAL_CURVE = "plots/metrics/eval/loss.tsv"  # under LIVE_DIR: the val curve plotted, copied into the adapter's RUN_RECORD
-PARAMS = ["lora", "train", "quantize.compute_dtype", "paths.base", "paths.quantized", "paths.tokenizer", "paths.tokenized", "paths.adapter",
-          "paths.checkpoints", "paths.metrics"]
+PARAMS = ["lora", "train", "quantize.compute_dtype", "paths.base", "paths.quantized", "paths.tokenizer",
+          "paths.tokenized", "paths.adapter", "paths.checkpoints", "paths.metrics"]
 
 
 # lora.init as peft's LoraConfig.init_lora_weights. kaiming is peft's own default (True): A

@@ -238,10 +238,8 @@ def reproduced_project(tmp_path_factory, tiny_model_dir):
 
 # The one reduced run of the real default (the bundled SmolLM2-135M, 4-bit NF4, the Debian data):
 # 16 train examples, 20 epochs at a constant rate. The pretrained model learns the task within a
-# few epochs (val loss 5.6 -> 0.15), then memorises the train split (train loss -> 0.0005) while
-# the val loss climbs for the rest of the run (measured: +33% by the end). Real overfitting, by a
-# margin no CPU's rounding can eat, for tests/test_overfitting.py; tests/test_real_default.py
-# checks the real path (GGUF, bitsandbytes on this CPU, trainer, generation, export) on the same run.
+# few epochs. tests/test_real_default.py checks the real path (GGUF, bitsandbytes on this CPU, trainer,
+# generation, export) on this run; tests/test_overfitting.py trains it again at a higher rate, to overfit.
 REAL_EVAL_STEPS = 8
 REAL_OVERRIDES = {
     "data.max_per_label": 4,  # 8 labels: 16 train, 8 val, 8 test

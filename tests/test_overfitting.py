@@ -1,6 +1,11 @@
 """Trained far too long on a tiny split, the real model overfits, the metrics say so, and early
 stopping stops it and keeps the best adapter. Real DVC, real trainer, the reduced real default
-(conftest.REAL_OVERRIDES: 16 train examples, 20 epochs)."""
+(conftest.REAL_OVERRIDES: 16 train examples, 20 epochs) at three times the default's learning rate.
+
+The rate: at the default's, the model learns the task and then keeps improving slowly on val where it
+computes in float32 (a CPU without native bf16: quantize.compute_dtype auto); only bf16's rounding made
+its val loss wander up. At three times the rate it learns the task within two epochs and then memorises
+the train split in either dtype, and its val loss ends well above its best."""
 
 import json
 import re
@@ -12,38 +17,49 @@ import pytest
 from conftest import REAL_EVAL_STEPS, run
 
 STEPS = 80  # 16 examples / batch 4 x 20 epochs
+OVERFIT = "train.learning_rate=0.003"
 
 
 def metrics(project, name):
     return json.loads((project / f"metrics/{name}.json").read_text())
 
 
-def test_training_too_long_is_flagged_as_overfitting(real_project):
-    p, _ = real_project
+def copy_of(real_project, dest):
+    shutil.copytree(real_project[0], dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def overfit_project(tmp_path_factory, real_project):
+    """The real project trained at the overfitting rate, up to the evaluate stage (export is not looked at)."""
+    p = copy_of(real_project, tmp_path_factory.mktemp("overfit") / "project")
+    out = run(["dvc", "exp", "run", "evaluate", "-S", OVERFIT], p)
+    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"validate", "train", "evaluate"}
+    return p
+
+
+def test_training_too_long_is_flagged_as_overfitting(overfit_project):
+    p = overfit_project
     m, t = metrics(p, "evaluate"), metrics(p, "train")
     val = pd.read_csv(p / "metrics/live/plots/metrics/eval/loss.tsv", sep="\t")
     assert val["loss"].iloc[0] > 10 * m["best_val_loss"], "the val loss first falls: the task is learned"
     assert m["best_val_step"] < m["last_val_step"] == t["steps"] == STEPS
-    # The rise after the best is a trend, not noise: measured +33%, flagged above 5% (the default).
+    # The rise from the best to the end is a trend, not noise: flagged above 5% (the default), asserted above 10%.
     assert m["val_loss_rise_pct"] > 10 and m["overfitting"] is True
-    after_best = val[val["step"] >= m["best_val_step"]]["loss"]
-    assert after_best.iloc[-1] == pytest.approx(after_best.max(), rel=0.1), "still high at the end"
     assert m["train_loss"] < 0.1 * m["val_loss"] and m["gap"] > 0.05, "train memorised, val not"
     assert t["stopped_early"] is False
 
 
 @pytest.fixture
 def real_copy(tmp_path, real_project):
-    dest = tmp_path / "project"
-    shutil.copytree(real_project[0], dest, symlinks=True)
-    return dest
+    return copy_of(real_project, tmp_path / "project")
 
 
 def test_early_stopping_stops_and_keeps_the_best_adapter(real_copy):
     p = real_copy
     patience = 1  # stop at the first evaluation after a best that is not better: the curve rises after its best
-    out = run(["dvc", "exp", "run", "-S", f"train.early_stopping_patience={patience}"], p)
-    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"validate", "train", "evaluate", "export"}
+    out = run(["dvc", "exp", "run", "evaluate", "-S", OVERFIT, "-S", f"train.early_stopping_patience={patience}"], p)
+    assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"validate", "train", "evaluate"}
     m, t = metrics(p, "evaluate"), metrics(p, "train")
     assert t["stopped_early"] is True and t["stopped_at_step"] < STEPS
     assert t["best_step"] == m["best_val_step"], "the trainer's best is the curve's best"

@@ -246,8 +246,8 @@ def compute_dtype():
                   f"{times(r['capped_auto_vs_bf16'], 1)} the tokens/s of forced bf16 there, and at "
                   f"{times(r['capped_auto_vs_native_auto'])} those of `auto` on the same CPU uncapped. Its final "
                   f"loss is {r['capped_auto_loss_difference']} from forced bf16's as is; the final losses of "
-                  f"{floor['seeds']} seeds of that run (each the loss of its last batch, which the seed draws) spread over "
-                  f"{floor['spread']}."]
+                  f"{floor['seeds']} seeds of that run (each the loss of its last batch, which the seed draws) "
+                  f"spread over {floor['spread']}."]
     return "\n".join(lines)
 
 
