@@ -33,20 +33,35 @@ def exp_rows(project, baseline_commits=False):
     return rows
 
 
-def test_queued_grid_on_two_workers_runs_every_point_with_its_own_metrics(tiny_project):
-    p = tiny_project
-    run(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,8", "-S", "train.learning_rate=1e-3,2e-3"], p)
+# The grid every test below reads: lora.r on the project's split and on another (data.seed), each point
+# renamed for what it is.
+GRID = {(2, 42): "small", (16, 42): "large", (2, 7): "other-split", (16, 7): "other-split-r16"}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, reproduced_project):
+    """The reproduced project with GRID queued in one command and run on two workers."""
+    p = tmp_path_factory.mktemp("swept") / "project"
+    shutil.copytree(reproduced_project[0], p, symlinks=True)
+    run(["dvc", "exp", "run", "--queue", "-S", "lora.r=2,16", "-S", "data.seed=42,7"], p)
     assert "Started '2' new experiments task queue worker" in run(["dvc", "queue", "start", "-j", "2"], p).stdout
-    deadline = time.time() + 600
+    deadline = time.time() + 900
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], p).stdout
         if not re.search(r"\b(Queued|Running)\b", status):
             break
         time.sleep(5)
     assert "Failed" not in status, status
+    for name, (params, _) in exp_rows(p).items():
+        run(["dvc", "exp", "rename", name, GRID[params["lora"]["r"], params["data"]["seed"]]], p)
+    return p
+
+
+def test_queued_grid_on_two_workers_runs_every_point_with_its_own_metrics(swept):
+    p = swept
     rows = exp_rows(p)
-    grid = {(params["lora"]["r"], float(params["train"]["learning_rate"])) for params, _ in rows.values()}
-    assert grid == {(4, 1e-3), (4, 2e-3), (8, 1e-3), (8, 2e-3)}
+    assert {name: (params["lora"]["r"], params["data"]["seed"]) for name, (params, _) in rows.items()} == \
+        {name: point for point, name in GRID.items()}
     assert all(m and "val_loss" in m and "accuracy" in m for _, m in rows.values())
     # What `dvc exp show` lists: only scores.json, a dozen leaves, each the figure of the file it comes from.
     shown = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
@@ -61,7 +76,7 @@ def test_queued_grid_on_two_workers_runs_every_point_with_its_own_metrics(tiny_p
     for file in ("metrics/train.json", "metrics/evaluate.json"):
         figures.update(json.loads(run(["git", "show", f"{one['rev']}:{file}"], p).stdout))
     assert one["data"]["metrics"]["metrics/scores.json"]["data"] == {k: figures[v] for k, v in sources.items()}
-    assert len({m["val_loss"] for _, m in rows.values()}) > 1, "each grid point has its own result"
+    assert len({m["val_loss"] for _, m in rows.values()}) == len(GRID), "each grid point has its own result"
 
 
 def chromium_dom(page, tmp_path):
@@ -86,15 +101,17 @@ def table_lines(console):
                                            if line.startswith(("Left out at ", "Runs on different"))), None)]]
 
 
-def test_compare_report_and_offline_plots(tiny_project, tmp_path):
-    p = tiny_project
-    for name, r in (("small", 2), ("large", 16)):
-        run(["dvc", "exp", "run", "-n", name, "-S", f"lora.r={r}"], p)
+def test_compare_report_and_offline_plots(swept, tmp_path):
+    p = swept
     python = [sys.executable, "-m", "tools.report"]
-
-    run([*python, "compare"], p)
-    report, against = (p / "reports/compare.md").read_text().split("\n## Against ")
+    # First the runs on the project's split, with their baseline commit.
     rows = exp_rows(p, baseline_commits=True)
+    baseline = next(name for name in rows if name not in GRID.values())
+    rows = {name: rows[name] for name in ("small", "large", baseline)}
+    same_split = ["--exps", *rows]
+
+    run([*python, "compare", *same_split], p)
+    report, against = (p / "reports/compare.md").read_text().split("\n## Against ")
     best = min(rows, key=lambda name: rows[name][1]["val_loss"])
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| experiment | lora.r | val loss |"), "changed params, then metrics"
@@ -103,7 +120,6 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
     # Each experiment against the baseline commit, paired over the same test examples: every metric
     # with a difference, an interval and a verdict.
     assert re.search(r"Against the runner-up, \S+, (every test difference is within noise|on test: )", report)
-    baseline = next(name for name in rows if name not in ("small", "large"))
     assert against.startswith(baseline)
     paired = [line.split(" | ") for line in against.splitlines() if line.startswith("| small") or
               line.startswith("| large")]
@@ -113,19 +129,18 @@ def test_compare_report_and_offline_plots(tiny_project, tmp_path):
 
     # The console table: changed params first, lowest val loss first, test metrics ± the half-width of
     # their interval.
-    console = run(["env", "COLUMNS=200", *python, "exps"], p).stdout.splitlines()
+    console = run(["env", "COLUMNS=200", *python, "exps", *same_split], p).stdout.splitlines()
     assert console[0].split()[:4] == ["experiment", "lora.r", "val", "loss"]
     assert console[1].split()[:2] == ["★", best], "lowest val loss first"
     assert len(table_lines(console)) == 1 + 3
     assert all(re.search(r"\d ±0\.\d+ ", line) for line in console[1:4]), "test metrics with their interval"
     only = run([*python, "exps", "--exps", "small"], p).stdout.splitlines()[1:]
     assert len(only) == 1 and only[0].split()[0] == "small", "only the one named"
-    narrow = run(["env", "COLUMNS=80", *python, "exps"], p).stdout.splitlines()
+    narrow = run(["env", "COLUMNS=80", *python, "exps", *same_split], p).stdout.splitlines()
     assert all(len(line) <= 80 for line in narrow) and "Left out at 80 columns: " in narrow[len(table_lines(narrow))]
     assert narrow[0].split()[:4] == ["experiment", "lora.r", "val", "loss"], "what changed and what decides stay"
 
-    run(["dvc", "exp", "run", "-n", "other-split", "-S", "data.seed=7"], p)
-    run(["dvc", "exp", "run", "-n", "other-split-r16", "-S", "data.seed=7", "-S", "lora.r=16"], p)
+    # Then every run: two test sets.
     run([*python, "compare", "--ref", "small"], p)
     against = (p / "reports/compare.md").read_text().split("\n## Against ")[1]
     assert against.startswith("small")

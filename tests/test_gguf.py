@@ -27,12 +27,33 @@ def test_the_converter_does_not_replace_the_pinned_gguf_module():
     assert str(tool) not in sys.path and not any(str(tool) in p for p in sys.path)
 
 
-def test_the_tiny_model_exports_a_gguf_that_scores_what_the_adapter_scored(reproduced_project):
+@pytest.fixture(scope="module")
+def gguf_project(tmp_path_factory, reproduced_project):
+    """The reproduced tiny project exported again with a q8_0 GGUF (conftest.TINY_OVERRIDES writes none)."""
+    import shutil
+
+    p = tmp_path_factory.mktemp("gguf") / "project"
+    shutil.copytree(reproduced_project[0], p, symlinks=True)
+    set_params(p / "params.yaml", {"export.gguf": "q8_0"})
+    assert repro(p) == {"validate", "export"}
+    return p
+
+
+@pytest.fixture
+def gguf_copy(tmp_path, gguf_project):
+    """A private copy of gguf_project, for a test to change."""
+    import shutil
+
+    shutil.copytree(gguf_project, tmp_path / "project", symlinks=True)
+    return tmp_path / "project"
+
+
+def test_the_tiny_model_exports_a_gguf_that_scores_what_the_adapter_scored(gguf_project):
     from safetensors.torch import load_file
 
     from stages.export import gguf_metadata, load_gguf
 
-    p = reproduced_project[0]
+    p = gguf_project
     export = json.loads((p / "metrics/export.json").read_text())
     path = p / "models/export/model.q8_0.gguf"
     assert export["gguf_file"] == path.name and path.stat().st_size > 0
@@ -77,7 +98,7 @@ def beyond_q8_0_rounding(model, merged):
     return off
 
 
-def test_a_gguf_a_few_percent_off_is_told_apart_from_q8_0_rounding(reproduced_project, tmp_path):
+def test_a_gguf_a_few_percent_off_is_told_apart_from_q8_0_rounding(gguf_project, tmp_path):
     """The bound above catches what a subtle bug in a converter would do: one tensor's scales 2% off
     (its weights, so its logits, a few percent off), a file that loads and runs."""
     import shutil
@@ -88,7 +109,7 @@ def test_a_gguf_a_few_percent_off_is_told_apart_from_q8_0_rounding(reproduced_pr
 
     from stages.export import load_gguf
 
-    p = reproduced_project[0]
+    p = gguf_project
     for name in ("config.json", "model.q8_0.gguf"):
         shutil.copy(p / "models/export" / name, tmp_path / name)
     reader = GGUFReader(tmp_path / "model.q8_0.gguf", "r+")
@@ -103,22 +124,23 @@ def test_a_gguf_a_few_percent_off_is_told_apart_from_q8_0_rounding(reproduced_pr
         ["model.layers.1.mlp.down_proj.weight"]
 
 
-def test_an_export_that_misses_the_tolerance_by_a_little_fails_and_exports_nothing(tiny_project):
+def test_an_export_that_misses_the_tolerance_by_a_little_fails_and_exports_nothing(gguf_copy):
     """export.loss_tolerance just under what the exported models differ by: the stage stops, names the
     model and the figures, exports nothing and records nothing in dvc.lock."""
-    export = json.loads((tiny_project / "metrics/export.json").read_text())
+    p = gguf_copy
+    export = json.loads((p / "metrics/export.json").read_text())
     diffs = {"the merged model": abs(export["test_loss"] - export["adapter_test_loss"]),
              "the GGUF file model.q8_0.gguf": abs(export["gguf_test_loss"] - export["adapter_test_loss"])}
     what, diff = max(diffs.items(), key=lambda item: item[1])
     assert diff > 0, "no difference to fall short of"
-    lock = locked_stages(tiny_project)
-    set_params(tiny_project / "params.yaml", {"export.loss_tolerance": round(0.9 * diff, 6)})
-    result = run(["dvc", "repro", "export"], tiny_project, check=False)
+    lock = locked_stages(p)
+    set_params(p / "params.yaml", {"export.loss_tolerance": round(0.9 * diff, 6)})
+    result = run(["dvc", "repro", "export"], p, check=False)
     assert result.returncode != 0
     assert f"export: {what} does not score what the adapter scored on test" in result.stderr, result.stderr[-2000:]
     assert f"difference {diff:.4f}, export.loss_tolerance {round(0.9 * diff, 6)}" in result.stderr
-    assert locked_stages(tiny_project)["export"] == lock["export"], "the failed export is not recorded"
-    assert not (tiny_project / "models/export").exists(), "nothing exported"
+    assert locked_stages(p)["export"] == lock["export"], "the failed export is not recorded"
+    assert not (p / "models/export").exists(), "nothing exported"
 
 
 CORRUPTING_CONVERTER = '''
@@ -139,21 +161,22 @@ tensor.data[...] = 0  # a file that loads and runs, with the wrong weights
 '''
 
 
-def test_a_corrupted_gguf_is_caught_and_nothing_is_exported(tiny_project, tmp_path):
+def test_a_corrupted_gguf_is_caught_and_nothing_is_exported(gguf_copy, tmp_path):
     from stages.export import converter
 
+    p = gguf_copy
     fake = tmp_path / "converter"
     fake.mkdir()
     (fake / "convert_hf_to_gguf.py").write_text(CORRUPTING_CONVERTER.format(real=str(converter())))
-    lock = locked_stages(tiny_project)
-    set_params(tiny_project / "params.yaml", {"export.loss_tolerance": 0.049})  # export reruns
+    lock = locked_stages(p)
+    set_params(p / "params.yaml", {"export.loss_tolerance": 0.049})  # export reruns
     env = dict(os.environ, QLORA_GGUF_CONVERTER=str(fake))
-    result = run_with_env(["dvc", "repro", "export"], tiny_project, env)
+    result = run_with_env(["dvc", "repro", "export"], p, env)
     assert result.returncode != 0
     assert "export: the GGUF file model.q8_0.gguf does not score what the adapter scored on test" in result.stderr, \
         result.stderr[-2000:]
-    assert not (tiny_project / "models/export").exists(), "nothing exported"
-    assert locked_stages(tiny_project)["export"] == lock["export"], "the failed export is not recorded"
+    assert not (p / "models/export").exists(), "nothing exported"
+    assert locked_stages(p)["export"] == lock["export"], "the failed export is not recorded"
 
 
 def run_with_env(cmd, cwd, env):
@@ -163,12 +186,13 @@ def run_with_env(cmd, cwd, env):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def test_export_gguf_none_writes_no_gguf(tiny_project):
-    set_params(tiny_project / "params.yaml", {"export.gguf": "none"})
-    assert repro(tiny_project) == {"validate", "export"}
-    assert not list((tiny_project / "models/export").glob("*.gguf"))
-    assert not (tiny_project / "models/export/Modelfile").exists()
-    assert "gguf_file" not in json.loads((tiny_project / "metrics/export.json").read_text())
+def test_export_gguf_none_writes_no_gguf(gguf_copy):
+    p = gguf_copy
+    set_params(p / "params.yaml", {"export.gguf": "none"})
+    assert repro(p) == {"validate", "export"}
+    assert not list((p / "models/export").glob("*.gguf"))
+    assert not (p / "models/export/Modelfile").exists()
+    assert "gguf_file" not in json.loads((p / "metrics/export.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +209,8 @@ def base_model_project(tmp_path_factory, tiny_model_dir):
     config.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     project = make_project(tmp_path_factory.mktemp("base-model") / "project",
-                           {**TINY_OVERRIDES, "base.source": "local", "base.path": str(model)})
+                           {**TINY_OVERRIDES, "base.source": "local", "base.path": str(model),
+                            "export.gguf": "q8_0"})
     repro(project)
     return project
 
