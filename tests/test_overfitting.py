@@ -1,11 +1,11 @@
 """Trained far too long on a tiny split, the real model overfits, the metrics say so, and early
 stopping stops it and keeps the best adapter. Real DVC, real trainer, the reduced real default
-(conftest.REAL_OVERRIDES: 16 train examples, 20 epochs) at three times the default's learning rate.
+(conftest.REAL_OVERRIDES: 16 train examples) at three times the default's learning rate, for 12 epochs.
 
 The rate: at the default's, the model learns the task and then keeps improving slowly on val where it
 computes in float32 (a CPU without native bf16: quantize.compute_dtype auto); only bf16's rounding made
-its val loss wander up. At three times the rate it learns the task within two epochs and then memorises
-the train split in either dtype, and its val loss ends well above its best."""
+its val loss wander up. At three times the rate it learns the task within four epochs and then memorises
+the train split in either dtype, and its val loss ends well above its best by the twelfth."""
 
 import json
 import re
@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REAL_EVAL_STEPS, run
 
-STEPS = 80  # 16 examples / batch 4 x 20 epochs
-OVERFIT = "train.learning_rate=0.003"
+STEPS = 48  # 16 examples / batch 4 x 12 epochs
+OVERFIT = ["-S", "train.learning_rate=0.003", "-S", "train.epochs=12"]
 
 
 def metrics(project, name):
@@ -33,7 +33,7 @@ def copy_of(real_project, dest):
 def overfit_project(tmp_path_factory, real_project):
     """The real project trained at the overfitting rate, up to the evaluate stage (export is not looked at)."""
     p = copy_of(real_project, tmp_path_factory.mktemp("overfit") / "project")
-    out = run(["dvc", "exp", "run", "evaluate", "-S", OVERFIT], p)
+    out = run(["dvc", "exp", "run", "evaluate", *OVERFIT], p)
     assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"validate", "train", "evaluate"}
     return p
 
@@ -58,7 +58,7 @@ def real_copy(tmp_path, real_project):
 def test_early_stopping_stops_and_keeps_the_best_adapter(real_copy):
     p = real_copy
     patience = 1  # stop at the first evaluation after a best that is not better: the curve rises after its best
-    out = run(["dvc", "exp", "run", "evaluate", "-S", OVERFIT, "-S", f"train.early_stopping_patience={patience}"], p)
+    out = run(["dvc", "exp", "run", "evaluate", *OVERFIT, "-S", f"train.early_stopping_patience={patience}"], p)
     assert set(re.findall(r"Running stage '(\w+)'", out.stdout)) == {"validate", "train", "evaluate"}
     m, t = metrics(p, "evaluate"), metrics(p, "train")
     assert t["stopped_early"] is True and t["stopped_at_step"] < STEPS
