@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.stamp import TRAIN_STAGE, UPSTREAM  # noqa: E402
 
 # What the figures depend on (python -m tools.docs): the loading and scoring paths timed, the adapter's training
-CODE = ["benchmarks/bench_eval.py", "qlora/scoring.py", "stages/export.py", *TRAIN_STAGE,
+CODE = ["benchmarks/bench_eval.py", "qlora/scoring.py", "qlora/tasks.py", "stages/export.py", *TRAIN_STAGE,
         *UPSTREAM]
 
 

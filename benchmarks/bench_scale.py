@@ -39,7 +39,7 @@ from qlora.outputs import provenance  # noqa: E402
 
 # What the figures depend on (python -m tools.docs): DVC over the data stages, the train stage's trainer, scoring
 CODE = ["benchmarks/bench_scale.py", "benchmarks/scratch.py", "dvc.yaml", "params.yaml",
-        "stages/validate.py", "stages/base.py", "stages/prepare.py", "stages/tokenize.py", "qlora/scoring.py",
+        "stages/validate.py", "stages/base.py", "stages/prepare.py", "stages/tokenize.py", "qlora/scoring.py", "qlora/tasks.py",
         *TRAIN_STAGE]
 
 SCALES = {"1x": 60, "4x": 240, "16x": 960, "all": None}
@@ -104,9 +104,9 @@ def evaluation(project, loss_examples, answers):
 
     from qlora.models import load_model
     from qlora.params import parse_params
-    from qlora.scoring import (example_losses, generate_answers, interval, metric_samples, resampled, resolve_task,
-                               task_scores)
+    from qlora.scoring import example_losses, generate_answers, interval, metric_samples, resampled
     from qlora.splits import load_format, load_split
+    from qlora.tasks import task_for
 
     p = parse_params(project / "params.yaml")
     test = load_split(project / "data/tokenized", "test")
@@ -121,15 +121,15 @@ def evaluation(project, loss_examples, answers):
     start = time.perf_counter()
     generate_answers(model, tokenizer, sample, p.evaluate.batch_size, 8, stop)
     generation = (time.perf_counter() - start) / len(sample) * 1000
-    task = resolve_task(p.evaluate.task, p.data.labels)
+    task = task_for(p.evaluate.task, p.data.labels)
     start = time.perf_counter()
     references = list(test["completion"])
-    _, rows = task_scores(task, references, references, p.data.labels)
+    _, rows = task.score(references, references)
     n = len(references)
-    for values in metric_samples(task, references, rows, references, [1.0] * n, [1] * n, resampled(n)).values():
+    for values in metric_samples(task, rows, references, [1.0] * n, [1] * n, resampled(n)).values():
         interval(values)
     scoring = time.perf_counter() - start
-    return dict(task=task, loss_seconds_per_1000=round(loss, 1), generation_seconds_per_1000=round(generation, 1),
+    return dict(task=task.name, loss_seconds_per_1000=round(loss, 1), generation_seconds_per_1000=round(generation, 1),
                 scoring_seconds=round(scoring, 2), test_examples=len(test))
 
 

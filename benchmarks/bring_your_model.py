@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.stamp import PIPELINE, command  # noqa: E402
 from qlora.outputs import provenance  # noqa: E402
-from qlora.scoring import PER_EXAMPLE, PRIMARY, paired_interval  # noqa: E402
+from qlora.scoring import paired_interval  # noqa: E402
+from qlora.tasks import TASKS  # noqa: E402
 
 # What the figures depend on (python -m tools.docs): a fresh clone's dvc repro, on the data writing_systems.py makes
 CODE = ["benchmarks/bring_your_model.py", "benchmarks/writing_systems.py", *PIPELINE]
@@ -66,10 +67,9 @@ def main():
     metrics = {name: json.loads((project / "metrics" / f"{name}.json").read_text())
                for name in ("tokenize", "quantize", "train", "evaluate_base", "evaluate", "export")}
     e, task = metrics["evaluate"], metrics["evaluate_base"]["task"]
-    primary = PRIMARY[task]
+    primary, key = TASKS[task].primary, TASKS[task].per_example[TASKS[task].primary]
     rows = json.loads((project / "metrics/predictions.json").read_text())
-    low, high = paired_interval([r[f"base_{PER_EXAMPLE[primary]}"] for r in rows],
-                                [r[PER_EXAMPLE[primary]] for r in rows])
+    low, high = paired_interval([r[f"base_{key}"] for r in rows], [r[key] for r in rows])
     config = json.loads((project / "models/base/config.json").read_text())
     result = dict(
         name=args.name, edits=edits, **dict(provenance(), commit=commit), command=command(),

@@ -25,7 +25,7 @@ PIPELINE = ["dvc.yaml", "params.yaml", "stages/validate.py", "stages/base.py", "
             "stages/tokenize.py", "stages/quantize.py", "stages/train.py", "stages/evaluate_base.py",
             "stages/evaluate.py", "stages/export.py", "qlora/checkpoints.py", "qlora/gguf_convert.py", "qlora/console.py", "qlora/cores.py",
             "qlora/cost.py", "qlora/lean.py", "qlora/models.py", "qlora/outputs.py", "qlora/params.py", "qlora/precision.py",
-            "qlora/scoring.py", "qlora/splits.py", "qlora/trial.py", "qlora/evaluate_modules/accuracy/accuracy.py",
+            "qlora/scoring.py", "qlora/splits.py", "qlora/tasks.py", "qlora/trial.py", "qlora/evaluate_modules/accuracy/accuracy.py",
             "qlora/evaluate_modules/f1/f1.py"]
 
 

@@ -92,7 +92,9 @@ MultilineText = Annotated[Str | None, AfterValidator(_new_lines)]
 SOURCES = ("bundled", "local", "gguf", "hub")
 TEMPLATES = ("auto", "chat", "plain")
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
-TASKS = ("auto", "classification", "generation")
+# auto, then qlora/tasks.py's TASKS, spelled out: importing them would make every stage that reads params depend
+# on the scoring code. tests/test_scoring.py fails when the two differ.
+TASKS = ("auto", "classification", "generation", "regression")
 BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -147,6 +149,7 @@ class Data:
     prompt_template: MultilineText
     labels: Texts
     max_per_label: either(Annotated[int, Field(strict=True, gt=0)], None, what="a positive integer or null")
+    max_examples: either(Annotated[int, Field(strict=True, gt=0)], None, what="a positive integer or null")
     bad_rows: choice("error", "drop")
     val_fraction: Fraction
     test_fraction: Fraction

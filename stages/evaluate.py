@@ -33,10 +33,10 @@ from qlora.console import done, quiet_known_noise
 from qlora.models import load_model
 from qlora.outputs import RUN_RECORD, log, write_json
 from qlora.params import load_params
-from qlora.scoring import (PRIMARY, answer_budget, decode_answers, example_losses, generate_answer_ids,
-                           generate_answers, interval, loss_summary, metric_samples, resampled, resolve_task,
-                           task_scores)
+from qlora.scoring import (answer_budget, decode_answers, example_losses, generate_answer_ids, generate_answers,
+                           interval, loss_summary, metric_samples, resampled)
 from qlora.splits import load_format, load_split
+from qlora.tasks import task_for
 
 BASE_ANSWERS = "base_answers.json"  # written by evaluate_base, under paths.metrics
 PARAMS = ["evaluate", "data.labels", "quantize.compute_dtype", "paths.quantized", "paths.tokenizer", "paths.tokenized",
@@ -44,7 +44,7 @@ PARAMS = ["evaluate", "data.labels", "quantize.compute_dtype", "paths.quantized"
 # metrics/scores.json, what `dvc exp show` lists: {its key: the figure's key in evaluate.json}, and COST
 # {its key: the figure's key in train.json, read from the adapter's RUN_RECORD}. The keys are short because
 # DVC names its columns by them: a run and the default, compared with `dvc exp show --only-changed`, fit
-# 200 columns. {primary}: the task's primary metric (qlora.scoring.PRIMARY), on test; ci_low and ci_high
+# 200 columns. {primary}: the task's primary metric (qlora.tasks.Task.primary), on test; ci_low and ci_high
 # its 95% interval; gain its difference from the base model's, and significant whether the paired
 # interval of that difference excludes 0.
 SCORES = {"val_loss": "val_loss", "test_loss": "test_loss", "{primary}": "test_{primary}",
@@ -52,7 +52,6 @@ SCORES = {"val_loss": "val_loss", "test_loss": "test_loss", "{primary}": "test_{
           "gain": "{primary}_gain", "significant": "gain_significant", "overfit": "overfitting",
           "best_step": "best_val_step"}
 COST = {"tokens_s": "tokens_per_second", "peak_mb": "peak_memory_mb", "mfu": "mfu"}
-NO_LABEL = "(no label)"  # in the confusion matrix: an answer that gives no allowed label, or several
 
 
 def train_sample(train, size):
@@ -91,16 +90,14 @@ def shown_inputs(prompts):
 
 def headline(metrics, task):
     """The task metrics of the fine-tuned and the base model, as one sentence."""
-    names = ("accuracy", "macro_f1", "answered") if task == "classification" else \
-        ("exact_match", "chrf", "rouge_l", "answered")
-    return ", ".join(f"{name} {metrics[f'test_{name}']} (base {metrics[f'base_test_{name}']})" for name in names)
+    return ", ".join(f"{name} {metrics[f'test_{name}']} (base {metrics[f'base_test_{name}']})" for name in task.metrics)
 
 
 def deciding(metrics, trained, task):
     """The figures that decide between runs and what the run cost (SCORES, COST): metrics/scores.json."""
-    primary = PRIMARY[task]
+    primary = task.primary
     return {**{k.format(primary=primary): metrics[v.format(primary=primary)] for k, v in SCORES.items()},
-            **{k: trained[v] for k, v in COST.items()}}
+            **{k: metrics[v] for k, v in task.deciding.items()}, **{k: trained[v] for k, v in COST.items()}}
 
 
 def predictions_markdown(rows, metrics, task, count):
@@ -111,12 +108,9 @@ def predictions_markdown(rows, metrics, task, count):
         return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
     def shown(row, prefix):
-        answer = cell(row[f"{prefix}answer"])
-        if task == "classification":
-            return ("✓ " if row[f"{prefix}correct"] else "") + answer
-        return ("✓ " if row[f"{prefix}exact_match"] else "") + f"{answer} (chrF {row[f'{prefix}chrf']:.2f})"
+        return task.shown({**row, f"{prefix}answer": cell(row[f"{prefix}answer"])}, prefix)
 
-    mark = "a correct label" if task == "classification" else "an exact match (chrF in brackets)"
+    mark = task.mark
     lines = [
         "# Sample predictions on test",
         "",
@@ -140,11 +134,11 @@ def main():
 
     p = load_params(PARAMS)
     e = p.evaluate
-    task = resolve_task(e.task, p.data.labels)
     metrics_dir = Path(p.paths.metrics)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     val, test = load_split(p.paths.tokenized, "val"), load_split(p.paths.tokenized, "test")
     full_train = load_split(p.paths.tokenized, "train")
+    task = task_for(e.task, p.data.labels, full_train["completion"])
     train = train_sample(full_train, len(val))
     base_metrics = json.loads((metrics_dir / "evaluate_base.json").read_text())
     base_rows = json.loads((metrics_dir / BASE_ANSWERS).read_text())
@@ -159,10 +153,10 @@ def main():
     budget, stop_ids = answer_budget(e.max_new_tokens, full_train), load_format(p.paths.tokenized)["stop_token_ids"]
     answer_ids = generate_answer_ids(model, tokenizer, test, e.batch_size, budget, stop_ids, desc="test answers")
     answers = decode_answers(tokenizer, answer_ids)
-    scores, scored = task_scores(task, answers, test["completion"], p.data.labels)
+    scores, scored = task.score(answers, test["completion"])
     # The task metric on val too: what a search may choose by (test never is).
     val_answers = generate_answers(model, tokenizer, val, e.batch_size, budget, stop_ids, desc="val answers")
-    val_scores, val_scored = task_scores(task, val_answers, val["completion"], p.data.labels)
+    val_scores, val_scored = task.score(val_answers, val["completion"])
 
     metrics = {f"{name}_{k}": v for name, result in losses.items() for k, v in result.items()}
     metrics.update(
@@ -175,37 +169,37 @@ def main():
     # 95% percentile-bootstrap intervals over the test examples; the gains paired (the same resamples
     # of the same examples for both models), so that what both get right or wrong cancels out.
     idx = resampled(len(test))
-    mine = metric_samples(task, answers, scored, test["completion"], *per_example["test"], idx)
-    base_samples = metric_samples(task, [b["answer"] for b in base_rows], base_rows, test["completion"],
-                                  [b["loss_sum"] for b in base_rows], [b["tokens"] for b in base_rows], idx)
+    mine = metric_samples(task, scored, test["completion"], *per_example["test"], idx)
+    base_samples = metric_samples(task, base_rows, test["completion"], [b["loss_sum"] for b in base_rows],
+                                  [b["tokens"] for b in base_rows], idx)
     metrics["test_loss_ci_low"], metrics["test_loss_ci_high"] = interval(mine["loss"])
     for name, value in scores.items():
         base = base_metrics[f"test_{name}"]
         metrics.update({f"test_{name}": value, f"base_test_{name}": base})
+        if name not in mine:  # an extra figure of the task (no interval), or a metric undefined on this data
+            continue
         metrics[f"test_{name}_ci_low"], metrics[f"test_{name}_ci_high"] = interval(mine[name])
-        if name != "answered":
+        if name != "answered" and None not in (value, base) and name in base_samples:
             metrics[f"{name}_gain"] = round(value - base, 4)
             metrics[f"{name}_gain_ci_low"], metrics[f"{name}_gain_ci_high"] = interval(mine[name] - base_samples[name])
     metrics.update({f"val_{name}": value for name, value in val_scores.items()})
-    val_samples = metric_samples(task, val_answers, val_scored, val["completion"], *per_example["val"],
-                                 resampled(len(val)))
-    primary = PRIMARY[task]
+    val_samples = metric_samples(task, val_scored, val["completion"], *per_example["val"], resampled(len(val)))
+    primary = task.primary
     metrics[f"val_{primary}_ci_low"], metrics[f"val_{primary}_ci_high"] = interval(val_samples[primary])
-    low, high = metrics[f"{PRIMARY[task]}_gain_ci_low"], metrics[f"{PRIMARY[task]}_gain_ci_high"]
+    low, high = metrics[f"{primary}_gain_ci_low"], metrics[f"{primary}_gain_ci_high"]
     metrics["gain_significant"] = low > 0 or high < 0  # the primary metric's paired interval excludes 0
 
     rows = [dict(input=i, expected=x, base_answer=b["answer"], answer=a,
                  **{f"base_{k}": v for k, v in b.items() if k != "answer"}, **s, loss_sum=round(ls, 5), tokens=n)
             for i, x, b, a, s, ls, n in zip(shown_inputs(test["prompt"]), test["completion"], base_rows, answers,
                                             scored, *per_example["test"])]
-    confusion = [dict(expected=r["expected"], label=r["label"] or NO_LABEL) for r in rows] \
-        if task == "classification" else []
+    confusion = task.confusion(rows)
     write_json(metrics_dir / "predictions.json", rows)
     write_json(metrics_dir / "confusion.json", confusion)
     (metrics_dir / "predictions.md").write_text(predictions_markdown(rows, metrics, task, e.samples))
     write_json(metrics_dir / "evaluate.json", metrics)
     write_json(metrics_dir / "scores.json", deciding(metrics, trained, task))
-    done(f"{task}: {headline(metrics, task)}; gap {metrics['gap']}, "
+    done(f"{task.name}: {headline(metrics, task)}; gap {metrics['gap']}, "
          f"best val loss {curve['best_val_loss']} at step {curve['best_val_step']}, last {curve['last_val_loss']}"
          f"{' (overfitting)' if curve['overfitting'] else ''}")
 

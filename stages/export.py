@@ -41,9 +41,10 @@ from qlora.console import done, quiet_known_noise
 from qlora.models import is_quantized, load_model
 from qlora.outputs import atomic_dir, write_json
 from qlora.params import load_params
-from qlora.scoring import (PER_EXAMPLE, PRIMARY, answer_budget, decode_answers, example_losses, generate_answer_ids,
-                           greedy_answers_like, loss_summary, paired_interval, resolve_task, task_scores)
+from qlora.scoring import (answer_budget, decode_answers, example_losses, generate_answer_ids, greedy_answers_like,
+                           loss_summary, paired_interval)
 from qlora.splits import load_format, load_split
+from qlora.tasks import task_for
 
 PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
           "evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens",
@@ -103,22 +104,26 @@ def compare(outputs, references):
     )
 
 
-def hold_to_tolerance(check, primary, x, what="the merged model", prefix=""):
+def hold_to_tolerance(check, task, x, what="the merged model", prefix=""):
     """Refuse an export that does not score what the adapter scored on the same test prompts: a test loss
-    further than export.loss_tolerance, or a task metric further than export.metric_tolerance by more
-    than noise. Answers that were near ties flip between the bf16 kernels of the two models, so a
+    further than export.loss_tolerance, or the task's primary metric further than export.metric_tolerance
+    (a share of the adapter's value where the task says so: an error in the data's units) by more than
+    noise. Answers that were near ties flip between the bf16 kernels of the two models, so a
     metric difference counts only when its paired 95% interval excludes 0 as well."""
+    primary = task.primary
     c = {k[len(prefix):]: v for k, v in check.items() if k.startswith(prefix)} if prefix else check
     loss_diff = abs(c["test_loss"] - check["adapter_test_loss"])
     metric_diff = abs(c[f"test_{primary}"] - check[f"adapter_test_{primary}"])
+    allowed = x.metric_tolerance * (abs(check[f"adapter_test_{primary}"]) if task.relative else 1)
     low, high = c[f"{primary}_diff_ci_low"], c[f"{primary}_diff_ci_high"]
-    if loss_diff > x.loss_tolerance or (metric_diff > x.metric_tolerance and not low <= 0 <= high):
+    if loss_diff > x.loss_tolerance or (metric_diff > allowed and not low <= 0 <= high):
+        share = " of the adapter's value" if task.relative else ""
         raise SystemExit(
             f"export: {what} does not score what the adapter scored on test: loss {c['test_loss']} "
             f"vs {check['adapter_test_loss']} (difference {loss_diff:.4f}, export.loss_tolerance "
             f"{x.loss_tolerance}), {primary} {c[f'test_{primary}']} vs {check[f'adapter_test_{primary}']} "
             f"(difference {metric_diff:.4f}, paired 95% interval [{low}, {high}], export.metric_tolerance "
-            f"{x.metric_tolerance}); same answer on "
+            f"{x.metric_tolerance}{share}); same answer on "
             f"{c['answer_agreement']:.1%} of test. Nothing was exported"
             + (f". export.dtype: float32 keeps more of the model than {x.dtype}" if x.dtype != "float32" and not prefix
                else "")
@@ -128,8 +133,9 @@ def hold_to_tolerance(check, primary, x, what="the merged model", prefix=""):
 def answer_setup(p):
     """The task, the answer budget and the stop tokens, as the evaluate stage sets them."""
     e = p.evaluate
-    budget = answer_budget(e.max_new_tokens, load_split(p.paths.tokenized, "train"))
-    return resolve_task(e.task, p.data.labels), budget, load_format(p.paths.tokenized)["stop_token_ids"]
+    train = load_split(p.paths.tokenized, "train")
+    budget = answer_budget(e.max_new_tokens, train)
+    return task_for(e.task, p.data.labels, train["completion"]), budget, load_format(p.paths.tokenized)["stop_token_ids"]
 
 
 def adapter_answers(model, tokenizer, test, p):
@@ -140,16 +146,17 @@ def adapter_answers(model, tokenizer, test, p):
     answer_ids = generate_answer_ids(model, tokenizer, test, p.evaluate.batch_size, budget, stop_ids,
                                      desc="adapter test answers")
     answers = decode_answers(tokenizer, answer_ids)
-    _, scored = task_scores(task, answers, test["completion"], p.data.labels)
+    _, scored = task.score(answers, test["completion"])
     return [dict(answer=a, answer_ids=ids, loss_sum=s, tokens=n, **sc)
             for a, ids, s, n, sc in zip(answers, answer_ids, sums, counts, scored)]
 
 
-def adapter_scores(adapter_rows, primary):
-    """The adapter's test loss and task metric, from its per-example rows (adapter_answers)."""
+def adapter_scores(adapter_rows, task):
+    """The adapter's test loss and primary task metric, from its per-example rows (adapter_answers)."""
     losses = loss_summary([r["loss_sum"] for r in adapter_rows], [r["tokens"] for r in adapter_rows])
+    key = task.per_example[task.primary]
     return {"test_loss": losses["loss"],
-            f"test_{primary}": round(sum(r[PER_EXAMPLE[primary]] for r in adapter_rows) / len(adapter_rows), 4)}
+            f"test_{task.primary}": round(sum(r[key] for r in adapter_rows) / len(adapter_rows), 4)}
 
 
 def against_adapter(model, tokenizer, test, p, adapter_rows):
@@ -164,11 +171,10 @@ def against_adapter(model, tokenizer, test, p, adapter_rows):
     answer_ids, firsts, losses = greedy_answers_like(model, tokenizer, test, [r["answer_ids"] for r in adapter_rows],
                                                      e.batch_size, budget, stop_ids, desc="test answers")
     answers = decode_answers(tokenizer, answer_ids)
-    scores, rows = task_scores(task, answers, test["completion"], p.data.labels)
-    primary = PRIMARY[task]
-    low, high = paired_interval([r[PER_EXAMPLE[primary]] for r in adapter_rows],
-                                [r[PER_EXAMPLE[primary]] for r in rows])
-    return primary, dict(
+    scores, rows = task.score(answers, test["completion"])
+    primary, key = task.primary, task.per_example[task.primary]
+    low, high = paired_interval([r[key] for r in adapter_rows], [r[key] for r in rows])
+    return task, dict(
         answer_agreement=round(sum(a == row["answer"] for a, row in zip(answers, adapter_rows)) / len(answers), 4),
         answers_regenerated=sum(j is not None for j in firsts),  # the rest were the adapter's, token for token
         test_loss=loss_summary(*losses)["loss"],
@@ -289,7 +295,7 @@ def check_gguf(path, p, reference, examples, test, adapter, adapter_rows, tokeni
     model, gguf_tokenizer, meta = load_gguf(path, dtype)
     if gguf_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SystemExit(f"export: the vocabulary inside {path.name} differs from the tokenizer's; nothing was exported")
-    primary, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
+    task, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
     check = {f"gguf_{k}": v for k, v in dict(**compare(logits(model, examples, p.evaluate.batch_size), reference), **scores).items()}
     check.update(gguf_file=path.name, gguf_type=p.export.gguf, gguf_mb=round(path.stat().st_size / 2**20, 1),
                  gguf_chat_template=meta["chat_template"] is not None,
@@ -298,7 +304,7 @@ def check_gguf(path, p, reference, examples, test, adapter, adapter_rows, tokeni
     if meta["chat_template"] != want:
         raise SystemExit(f"export: {path.name} carries {'no' if meta['chat_template'] is None else 'another'} chat "
                          f"template than the tokenizer's; nothing was exported")
-    hold_to_tolerance(check, primary, p.export, what=f"the GGUF file {path.name}", prefix="gguf_")
+    hold_to_tolerance(check, task, p.export, what=f"the GGUF file {path.name}", prefix="gguf_")
     return check, meta
 
 
@@ -410,7 +416,7 @@ def main():
     reference = logits(trained, examples, p.evaluate.batch_size)  # the model as trained and evaluated
     adapter_rows = adapter_answers(trained, tokenizer, test, p)
     del trained
-    adapter = adapter_scores(adapter_rows, PRIMARY[resolve_task(p.evaluate.task, p.data.labels)])
+    adapter = adapter_scores(adapter_rows, answer_setup(p)[0])
 
     model = PeftModel.from_pretrained(dequantized(p.paths.quantized, p.quantize.compute_dtype), p.paths.adapter)
     unmerged = logits(model, examples, p.evaluate.batch_size)
@@ -431,9 +437,9 @@ def main():
     params = {"base": vars(p.base), "data": vars(p.data), "tokenize": vars(p.tokenize),
               "quantize": vars(p.quantize), "lora": vars(p.lora), "train": vars(p.train)}
     # The test loss and the task on the whole test split, against the adapter's.
-    primary, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
+    task, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
     check.update(scores, **{f"adapter_{k}": v for k, v in adapter.items()})
-    hold_to_tolerance(check, primary, p.export)
+    hold_to_tolerance(check, task, p.export)
 
     with atomic_dir(p.paths.export) as out:  # replaces the last export only if the GGUF passes too
         model = model.to(dtype)

@@ -229,10 +229,12 @@ def build_examples(rows, d, source):
 
 
 def split_examples(examples, d):
-    """Shuffle with data.seed; with labels, cap each label at data.max_per_label and split each label
-    by the fractions (stratified). Free-form answers are split as one group, uncapped."""
+    """Shuffle with data.seed and keep the first data.max_examples (all when null); with labels, cap each
+    label at data.max_per_label and split each label by the fractions (stratified). Free-form answers and
+    numbers are split as one group."""
     rng = random.Random(d.seed)
     rng.shuffle(examples)
+    examples = examples[: d.max_examples] if d.max_examples else examples
     by_label = {}
     for ex in examples:
         key = ex["completion"] if d.labels else None
@@ -258,6 +260,7 @@ def count_overlap(splits):
 def make_splits(rows, d, source):
     """Examples split into train/val/test, with what was dropped; every check of the data on the way."""
     examples, dropped = build_examples(rows, d, source)
+    dropped["over_max_examples"] = max(0, len(examples) - d.max_examples) if d.max_examples else 0
     splits = split_examples(examples, d)
     overlap = count_overlap(splits)
     assert overlap == 0, f"{overlap} prompts in more than one split"
@@ -287,6 +290,7 @@ def main():
         "dropped_empty": dropped["empty"],
         "dropped_duplicate": dropped["duplicate"],
         "dropped_other_label": dropped["other_label"],
+        "dropped_over_max_examples": dropped["over_max_examples"],  # data.max_examples
         "cross_split_duplicates": overlap,
     }
     # The label mix per split (classification only): a file of its own, to keep `dvc exp show` narrow.

@@ -71,6 +71,18 @@ def test_duplicates_are_dropped_before_splitting(workdir):
     assert json.loads((workdir / "metrics/prepare.json").read_text())["dropped_duplicate"] == 20
 
 
+def test_max_examples_bounds_free_form_data_before_the_split(workdir):
+    write_rows(workdir / "own.jsonl", n=200)
+    use_file(workdir, "own.jsonl", max_examples=50)
+    splits = prepare()
+    kept = [json.loads(line) for text in splits.values() for line in text.splitlines()]
+    assert len(kept) == 50 and json.loads((workdir / "metrics/prepare.json").read_text())["dropped_over_max_examples"] == 150
+    numbers = sorted(int(ex["messages"][-1]["content"].split()[-1]) for ex in kept)
+    assert numbers[-1] > 100, "sampled at random over the file, not its first rows"
+    use_file(workdir, "own.jsonl", max_examples=50, seed=7)
+    assert prepare() != splits, "another seed, another sample"
+
+
 def test_default_data_is_stratified_by_label(workdir):
     shutil.copytree(ROOT / "data/raw", workdir / "data/raw")
     set_params(workdir / "params.yaml", {"data.max_per_label": 20})

@@ -19,7 +19,7 @@ DVC = DVC_YAML["stages"]
 PARAMS = yaml.safe_load((ROOT / PARAMS_FILE).read_text())
 # A module that loads non-Python project files at run time, and those files: every
 # `evaluate` module folder the scorer loads.
-RUNTIME_LOADS = {"qlora/scoring.py": {f"qlora/evaluate_modules/{m.name}"
+RUNTIME_LOADS = {"qlora/tasks.py": {f"qlora/evaluate_modules/{m.name}"
                                       for m in (ROOT / "qlora/evaluate_modules").iterdir() if m.is_dir()},
                  "stages/export.py": {"qlora/gguf_convert.py"}}  # run as `python -m qlora.gguf_convert`
 

@@ -4,8 +4,8 @@ about the nominal rate, narrower when paired, and equal to the metric itself on 
 import numpy as np
 import pytest
 
-from qlora.scoring import (classification_scores, generation_scores, interval, loss_summary, metric_samples,
-                           paired_interval, resampled)
+from qlora.scoring import interval, loss_summary, metric_samples, paired_interval, resampled
+from qlora.tasks import Classification, Generation
 
 LABELS = ["fonts", "doc", "python", "perl"]
 
@@ -15,19 +15,19 @@ def classification_case(seed, n=96):
     references = list(rng.choice(LABELS, size=n))
     answers = [r if rng.random() < 0.8 else rng.choice(LABELS + ["I think it is a font", ""]) for r in references]
     sums, counts = list(rng.gamma(2.0, 0.2, size=n) * 3), [3] * n
-    scores, rows = classification_scores(answers, references, LABELS)
+    scores, rows = Classification(LABELS).score(answers, references)
     return answers, rows, references, sums, counts, scores
 
 
 def test_on_the_identity_resample_every_metric_is_the_metric_itself():
     answers, rows, references, sums, counts, scores = classification_case(0)
-    same = metric_samples("classification", answers, rows, references, sums, counts, np.arange(96)[None, :])
+    same = metric_samples(Classification(LABELS), rows, references, sums, counts, np.arange(96)[None, :])
     for name, value in scores.items():
         assert same[name][0] == pytest.approx(value, abs=1e-4), name  # macro F1 counted as the f1 module does
     assert same["loss"][0] == pytest.approx(loss_summary(sums, counts)["loss"], abs=1e-4)
     gen_answers = ["a cat sat", "", "the dog", "on the mat"]
-    gen_scores, gen_rows = generation_scores(gen_answers, ["a cat sat", "a bird", "the dog ran", "on a mat"])
-    same = metric_samples("generation", gen_answers, gen_rows, None, [1.0] * 4, [2] * 4, np.arange(4)[None, :])
+    gen_scores, gen_rows = Generation().score(gen_answers, ["a cat sat", "a bird", "the dog ran", "on a mat"])
+    same = metric_samples(Generation(), gen_rows, None, [1.0] * 4, [2] * 4, np.arange(4)[None, :])
     for name, value in gen_scores.items():
         assert same[name][0] == pytest.approx(value, abs=1e-4), name
 
@@ -36,7 +36,7 @@ def test_the_bootstrap_is_deterministic_for_a_seed():
     answers, rows, references, sums, counts, _ = classification_case(1)
 
     def intervals(seed):
-        samples = metric_samples("classification", answers, rows, references, sums, counts, resampled(96, seed=seed))
+        samples = metric_samples(Classification(LABELS), rows, references, sums, counts, resampled(96, seed=seed))
         return {name: interval(values) for name, values in samples.items()}
 
     first = intervals(0)

@@ -3,7 +3,8 @@ prompt or label list, an empty or chatty answer, a collapsed model that always s
 
 import pytest
 
-from qlora.scoring import answer_budget, classification_scores, extract_label, generation_scores, resolve_task
+from qlora.scoring import answer_budget
+from qlora.tasks import Classification, Generation, extract_label, task_for
 
 LABELS = ["fonts", "doc", "python", "perl", "libdevel", "games", "science", "net"]
 
@@ -38,7 +39,7 @@ def test_labels_that_are_numbers_and_nested_labels():
 def test_classification_metrics_and_answered():
     references = ["a", "a", "a", "b", "c", "c"]
     answers = ["a", "A.", "b", "b", "a, b, c", "c"]
-    metrics, rows = classification_scores(answers, references, ["a", "b", "c"])
+    metrics, rows = Classification(["a", "b", "c"]).score(answers, references)
     assert [r["label"] for r in rows] == ["a", "a", "b", "b", None, "c"]
     assert [r["correct"] for r in rows] == [1, 1, 0, 1, 0, 1]
     # per class F1: a 2*2/(2*2+0+1)=0.8, b 2*1/(2+1+0)=0.667, c 2*1/(2+0+1)=0.667
@@ -49,13 +50,13 @@ def test_classification_metrics_and_answered():
 def test_an_echoing_model_scores_nothing_and_answers_nothing():
     references = ["perl", "python", "fonts"]
     echoes = ["Debian section of this package, one of: " + ", ".join(LABELS)] * 3
-    metrics, _ = classification_scores(echoes, references, LABELS)
+    metrics, _ = Classification(LABELS).score(echoes, references)
     assert metrics["accuracy"] == 0 and metrics["answered"] == 0
 
 
 def test_a_collapsed_classifier_scores_low_macro_f1():
     references = ["a"] * 6 + ["b", "c"]
-    metrics, _ = classification_scores(["a"] * 8, references, ["a", "b", "c"])
+    metrics, _ = Classification(["a", "b", "c"]).score(["a"] * 8, references)
     assert metrics["accuracy"] == 0.75 and metrics["macro_f1"] < 0.35 and metrics["answered"] == 1
 
 
@@ -65,7 +66,7 @@ REFERENCES = ["Return the number of items in a container.", "Join two or more pa
 
 def test_generation_metrics_order_the_answers_that_fool_them():
     def score(answers):
-        return generation_scores(answers, REFERENCES)[0]
+        return Generation().score(answers, REFERENCES)[0]
 
     exact = score(REFERENCES)
     assert exact == {"exact_match": 1.0, "chrf": 1.0, "rouge_l": 1.0, "answered": 1.0}
@@ -83,8 +84,12 @@ def test_generation_metrics_order_the_answers_that_fool_them():
 
 
 def test_task_and_answer_budget():
-    assert resolve_task("auto", ["a"]) == "classification" and resolve_task("auto", []) == "generation"
-    assert resolve_task("generation", ["a"]) == "generation"
+    assert task_for("auto", ["a"]).name == "classification" and task_for("auto", []).name == "generation"
+    assert task_for("generation", ["a"]).name == "generation"
+    from qlora.params import TASKS as SETTINGS
+    from qlora.tasks import TASKS
+
+    assert SETTINGS == ("auto", *TASKS), "every task can be set in params.yaml"
     train = {"labels": [[-100, -100, 5, 6, 2], [-100, 7, 2]]}  # answers of 3 and 2 tokens, end of turn included
     assert answer_budget("auto", train) == 4 and answer_budget(12, train) == 12
     assert answer_budget("auto", {"labels": [[-100] + [1] * 40]}) == 50

@@ -452,10 +452,10 @@ def bring_your_model(name):
     def make():
         r = read(name, "benchmarks/results")
         b, f, primary = r["base"], r["fine_tuned"], r["primary"]
-        names = dict(accuracy="test accuracy", macro_f1="test macro F1", answered="answered (a usable answer)",
-                     exact_match="test exact match", chrf="test chrF", rouge_l="test ROUGE-L")
-        rows = [(names[k], f"test_{k}") for k in (("accuracy", "macro_f1", "answered") if r["task"] == "classification"
-                                                  else ("exact_match", "chrf", "rouge_l", "answered"))]
+        from qlora.tasks import TASKS
+
+        task = TASKS[r["task"]]
+        rows = [(task.described[k], f"test_{k}") for k in task.metrics]
         rows.append(("test loss on the answer tokens", "test_loss"))
         lines = ["| | base model (4-bit, no adapter) | fine-tuned (4-bit + LoRA) |", "|---|---|---|"]
         lines += [f"| {title} | {b[key]} | **{f[key]}** |" for title, key in rows]

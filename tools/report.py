@@ -21,36 +21,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qlora.tasks import TASKS, task_of
+
 REPORTS = Path("reports")
 # The metrics a comparison shows, most telling first: (file, key, column title). The console table keeps
 # as many as the terminal is wide. Best run: lowest val loss. metrics/scores.json is what `dvc exp show`
 # lists; the stages' other figures are plain outputs in git beside it (DETAILS), read at each run's commit.
+EVALUATE = "metrics/evaluate.json"
 KEY_METRICS = [
-    ("metrics/evaluate.json", "val_loss", "val loss"),
-    ("metrics/evaluate.json", "test_accuracy", "test acc"),  # classification
-    ("metrics/evaluate.json", "test_chrf", "chrF"),  # generation
-    ("metrics/evaluate.json", "accuracy_gain", "acc vs base"),
-    ("metrics/evaluate.json", "chrf_gain", "chrF vs base"),
-    ("metrics/evaluate.json", "test_answered", "answered"),
-    ("metrics/evaluate.json", "overfitting", "overfitting"),
-    ("metrics/evaluate.json", "best_val_step", "best step"),
+    (EVALUATE, "val_loss", "val loss"),
+    *[(EVALUATE, f"test_{t.primary}", t.titles[t.primary]) for t in TASKS.values()],  # a run has its task's
+    *[(EVALUATE, f"{t.primary}_gain", f"{t.titles[t.primary].removeprefix('test ')} vs base") for t in TASKS.values()],
+    (EVALUATE, "test_answered", "answered"),
+    (EVALUATE, "overfitting", "overfitting"),
+    (EVALUATE, "best_val_step", "best step"),
     ("metrics/train.json", "tokens_per_second", "tokens/s"),
     ("metrics/train.json", "peak_memory_mb", "peak MB"),
-    ("metrics/evaluate.json", "test_loss", "test loss"),
-    ("metrics/evaluate.json", "test_macro_f1", "macro F1"),
-    ("metrics/evaluate.json", "test_exact_match", "exact match"),
-    ("metrics/evaluate.json", "test_rouge_l", "ROUGE-L"),
-    ("metrics/evaluate.json", "gap", "gap"),
-    ("metrics/evaluate.json", "best_val_loss", "best val"),
-    ("metrics/evaluate.json", "val_loss_rise_pct", "rise %"),
+    (EVALUATE, "test_loss", "test loss"),
+    *[(EVALUATE, f"test_{m}", t.titles[m]) for t in TASKS.values() for m in t.metrics if m not in (t.primary, "answered")],
+    (EVALUATE, "gap", "gap"),
+    (EVALUATE, "best_val_loss", "best val"),
+    (EVALUATE, "val_loss_rise_pct", "rise %"),
     ("metrics/train.json", "steps", "steps"),
     ("metrics/train.json", "stopped_early", "stopped early"),
     ("metrics/train.json", "mfu", "MFU"),
 ]
-DETAILS = ("metrics/evaluate.json", "metrics/train.json")
-BEST_BY = ("metrics/evaluate.json", "val_loss")  # held-out, never the test split
+DETAILS = (EVALUATE, "metrics/train.json")
+BEST_BY = (EVALUATE, "val_loss")  # held-out, never the test split
 PREDICTIONS = "metrics/predictions.json"  # per test example: both answers, scores, loss; what pairs two runs
-LOWER_IS_BETTER = {"loss"}
 CURVES = ("Loss (train and val)", "Learning rate")
 
 
@@ -389,12 +387,12 @@ def paired_comparison(ref, rows, floor=None):
 
     from qlora.scoring import interval, metric_samples, resampled
 
-    task = "classification" if "correct" in rows[0] else "generation"
+    task = task_of(rows)
     references = [r["expected"] for r in rows]
 
     def samples(preds, idx):
-        return metric_samples(task, [r["answer"] for r in preds], preds, references,
-                              [r["loss_sum"] for r in preds], [r["tokens"] for r in preds], idx)
+        return metric_samples(task, preds, references, [r["loss_sum"] for r in preds], [r["tokens"] for r in preds],
+                              idx)
 
     whole = np.arange(len(rows))[None, :]
     mine, theirs = samples(rows, whole), samples(ref, whole)
@@ -404,7 +402,7 @@ def paired_comparison(ref, rows, floor=None):
     for name in mine:
         diff = round(float(mine[name][0] - theirs[name][0]), 4)
         low, high = interval(mine_resampled[name] - theirs_resampled[name])
-        sign = -1 if name in LOWER_IS_BETTER else 1
+        sign = task.better(name)
         verdict = "within noise" if low <= 0 <= high else \
             "within noise (seed spread)" if abs(diff) < floor.get(name, 0) else "better" if sign * diff > 0 else "worse"
         out.append((name, round(float(mine[name][0]), 4), round(float(theirs[name][0]), 4), diff, low, high, verdict))
@@ -453,8 +451,7 @@ def versus_runner_up(rows, best):
 
 
 NOISE = "noise"  # experiments named noise-seed-<n>, and reports/noise.{md,json}
-NOISE_METRICS = ("val_loss", "test_loss", "test_accuracy", "test_macro_f1", "test_answered", "test_exact_match",
-                 "test_chrf", "test_rouge_l")
+NOISE_METRICS = ("val_loss", "test_loss", *dict.fromkeys(f"test_{m}" for t in TASKS.values() for m in t.metrics))
 
 
 def wait_for_queue(timeout=24 * 3600):

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from qlora.params import PARAMS_FILE, ParamsError, parse_params
+from qlora.tasks import TASKS
 from qlora.trial import PRUNERS, STORAGE_ENV, open_storage, retrying
 from tools.report import DETAILS, details
 
@@ -45,14 +46,23 @@ TUNE_FILE = "tune.yaml"
 FOLDER = Path("reports/tune")
 KINDS = ("uniform", "loguniform", "int", "choice")
 EVALUATE, TRAIN = DETAILS  # the files a trial's figures come from, as make exps reads them
-# The objectives a study may choose by, all on the val split, and which way is better.
-OBJECTIVES = {"val_loss": "minimize", "best_val_loss": "minimize", "val_perplexity": "minimize",
-              "val_accuracy": "maximize", "val_macro_f1": "maximize",  # classification
-              "val_exact_match": "maximize", "val_chrf": "maximize", "val_rouge_l": "maximize"}  # generation
-# Shown beside the objective in the report; never used to choose.
-REPORTED = [(EVALUATE, "val_loss"), (EVALUATE, "val_accuracy"), (EVALUATE, "val_chrf"), (EVALUATE, "test_accuracy"),
-            (EVALUATE, "test_chrf"), (TRAIN, "steps"), (TRAIN, "stopped_early"), (TRAIN, "pruned"),
-            (TRAIN, "tokens_per_second")]
+
+
+def objectives():
+    """The objectives a study may choose by, all on the val split, and which way is better: the loss, and
+    each task's metrics (but answered) in the direction its task says."""
+    return {"val_loss": "minimize", "best_val_loss": "minimize", "val_perplexity": "minimize",
+            **{f"val_{m}": "maximize" if t().better(m) > 0 else "minimize"
+               for t in TASKS.values() for m in t.metrics if m != "answered"}}
+
+
+def reported():
+    """Shown beside the objective in the report, never used to choose: each task's primary metric."""
+    return [(EVALUATE, "val_loss"), *[(EVALUATE, f"{split}_{t.primary}") for split in ("val", "test")
+                                      for t in TASKS.values()],
+            (TRAIN, "steps"), (TRAIN, "stopped_early"), (TRAIN, "pruned"), (TRAIN, "tokens_per_second")]
+
+
 DEFAULTS = dict(study="tune", storage=None, objective="val_loss", direction=None, trials=8, minutes=None, seed=42,
                 startup_trials=3, pruner="none", push=None, heartbeat_seconds=60, wait_minutes=30, space={})
 
@@ -82,10 +92,11 @@ def load_config(path, params_path=PARAMS_FILE):
     config = dict(DEFAULTS, **config)
     if not str(config["study"]).replace("-", "").replace("_", "").isalnum():
         fail("study", f"a name of letters, digits, - and _, got {config['study']!r}")
-    if config["objective"] not in OBJECTIVES:
-        fail("objective", f"a val metric of {EVALUATE} ({', '.join(OBJECTIVES)}): the test split is never used "
+    allowed = objectives()
+    if config["objective"] not in allowed:
+        fail("objective", f"a val metric of {EVALUATE} ({', '.join(allowed)}): the test split is never used "
                           f"to choose, got {config['objective']!r}")
-    better = OBJECTIVES[config["objective"]]
+    better = allowed[config["objective"]]
     if config["direction"] is None:
         config["direction"] = better
     elif config["direction"] != better:
@@ -442,7 +453,7 @@ def tell(study, trial, name, config, wait):
     ref, commit = experiment_refs().get(name, (None, None))
     metrics = experiment_metrics(ref)
     objective = config["objective"]
-    for file, key in REPORTED:
+    for file, key in reported():
         value = metrics.get(file, {}).get(key)
         if value is not None:
             retrying(lambda: trial.set_user_attr(key, value), "record the metrics", wait, say)
@@ -526,8 +537,7 @@ def write_report(study, config, folder=FOLDER):
                          seconds=round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
                          if t.datetime_complete and t.datetime_start else None,
                          pushed=bool(pushed.get(pushed_key(t.user_attrs.get("experiment")))),
-                         **{k: t.user_attrs[k] for k in ("commit", "worker", "stopped_early", "val_accuracy",
-                                                         "test_accuracy", "test_chrf", "steps", "tokens_per_second",
+                         **{k: t.user_attrs[k] for k in ("commit", "worker", "stopped_early", *(k for _, k in reported()),
                                                          "error") if k in t.user_attrs}))
     done = [r for r in rows if r["value"] is not None]
     top = min(done, key=lambda r: sign * r["value"]) if done else None
@@ -555,12 +565,13 @@ def fmt(value):
 
 def trials_table(result, markdown_table):
     keys = list(result["space"])
-    head = ["trial", "experiment", "commit", *keys, result["objective"], "best so far", "state", "test acc (reported)"]
+    tests = [k for _, k in reported() if k.startswith("test_")]  # each task's primary metric on test
+    head = ["trial", "experiment", "commit", *keys, result["objective"], "best so far", "state", "test (reported)"]
     body = [[str(r["number"]), r["experiment"] or "", (r.get("commit") or "")[:7],
              *(fmt(r["params"].get(k)) for k in keys), fmt(r["value"]), fmt(r["best_so_far"]),
              r["state"] + (f" at step {r['pruned_at']}" if r.get("pruned_at") is not None else "")
              + (" (stopped early)" if r.get("stopped_early") and r["state"] != "pruned" else ""),
-             fmt(r.get("test_accuracy"))]
+             " ".join(f"{k.removeprefix('test_')} {fmt(r[k])}" for k in tests if r.get(k) is not None)]
             for r in result["trials"]]
     return markdown_table(head, body)
 
