@@ -63,6 +63,12 @@ class Task:
         """Expected against given, for the confusion plot: [] where the task has none."""
         return []
 
+    order = "in the order of the test split"  # of predictions.md's rows (shown_first)
+
+    def shown_first(self, rows):
+        """predictions.md's rows in the order it shows them: the test split's, unless the task says otherwise."""
+        return rows
+
     def record(self):
         """What the records say of the task, and why it is this one."""
         return dict(task=self.name, task_reason=self.reason)
@@ -125,6 +131,7 @@ class Classification(Task):
     name, primary = "classification", "accuracy"
     metrics = ("accuracy", "macro_f1", "answered")
     per_example = {"accuracy": "correct", "answered": "answered"}
+    extra = ("distinct",)  # how many different labels it gave: 1, a model that says the same to everything
     titles = {"accuracy": "test acc", "macro_f1": "macro F1", "answered": "answered"}
     described = {"accuracy": "test accuracy", "macro_f1": "test macro F1", "answered": "answered (a usable answer)"}
     mark = "a correct label"
@@ -148,7 +155,7 @@ class Classification(Task):
                                                           labels=list(range(len(classes))), average="macro")["f1"]
         rows = [dict(label=g, correct=int(g == r), answered=int(g is not None)) for g, r in zip(given, references)]
         metrics = dict(accuracy=accuracy, macro_f1=f1, answered=sum(r["answered"] for r in rows) / len(rows))
-        return {k: round(v, 4) for k, v in metrics.items()}, rows
+        return {**{k: round(v, 4) for k, v in metrics.items()}, "distinct": len(set(given) - {None})}, rows
 
     def samples(self, rows, references, idx):
         """Macro F1 from each resample's own counts, as the f1 module computes it."""
@@ -183,6 +190,7 @@ class Generation(Task):
     name, primary = "generation", "chrf"
     metrics = ("exact_match", "chrf", "rouge_l", "answered")
     per_example = {"exact_match": "exact_match", "chrf": "chrf", "rouge_l": "rouge_l", "answered": "answered"}
+    extra = ("distinct",)  # how many different answers (normalize_text) it gave, empty ones aside
     titles = {"exact_match": "exact match", "chrf": "chrF", "rouge_l": "ROUGE-L", "answered": "answered"}
     described = {"exact_match": "test exact match", "chrf": "test chrF", "rouge_l": "test ROUGE-L",
                  "answered": "answered (a usable answer)"}
@@ -202,7 +210,8 @@ class Generation(Task):
                      rouge_l=round(rouge.score(r, a)["rougeL"].fmeasure, 4),
                      answered=int(bool(a.strip())))
                 for a, r in zip(answers, references)]
-        return {k: round(sum(row[k] for row in rows) / len(rows), 4) for k in self.metrics}, rows
+        distinct = len({normalize_text(a) for a in answers} - {""})
+        return {**{k: round(sum(row[k] for row in rows) / len(rows), 4) for k in self.metrics}, "distinct": distinct}, rows
 
     def value(self, row, key):
         return int(bool(row["answer"].strip())) if key == "answered" and key not in row else row[key]
@@ -343,6 +352,12 @@ class Regression(Task):
             ry, rp = ry - ry.mean(axis=1, keepdims=True), rp - rp.mean(axis=1, keepdims=True)
             out["spearman"] = (ry * rp).sum(axis=1) / np.sqrt((ry ** 2).sum(axis=1) * (rp ** 2).sum(axis=1))
         return out
+
+    order = "the fine-tuned model's largest errors first"
+
+    def shown_first(self, rows):
+        """Worst first: the largest errors of the fine-tuned model."""
+        return sorted(rows, key=lambda r: -r["abs_error"])
 
     def shown(self, row, prefix=""):
         answer, error = row[f"{prefix}answer"], row[f"{prefix}abs_error"]

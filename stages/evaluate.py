@@ -114,15 +114,15 @@ def predictions_markdown(rows, metrics, task, count):
     lines = [
         "# Sample predictions on test",
         "",
-        f"Fine-tuned model: {headline(metrics, task)}. The first {min(count, len(rows))} of {len(rows)} test "
-        f"examples; ✓ marks {mark}. Answers are whole (⏎ a line break); inputs are cut at 110 characters "
+        f"Fine-tuned model: {headline(metrics, task)}. {min(count, len(rows))} of {len(rows)} test "
+        f"examples, {task.order}; ✓ marks {mark}. Answers are whole (⏎ a line break); inputs are cut at 110 characters "
         "(metrics/predictions.json has every example whole).",
         "",
         "| input | expected | base answer | fine-tuned answer |",
         "|---|---|---|---|",
     ]
     lines += [f"| {cell(r['input'], 110)} | {cell(r['expected'])} | {shown(r, 'base_')} | {shown(r, '')} |"
-              for r in rows[:count]]
+              for r in task.shown_first(rows)[:count]]
     return "\n".join(lines) + "\n"
 
 

@@ -23,9 +23,12 @@ Checked on held-out test examples and written to metrics/export.json:
   model's answers are not all generated: one teacher-forced pass over the adapter's answer tokens
   finds the ones it gives token for token, and only the others (`answers_regenerated`) are
   generated, from where they differ.
-The stage fails, writing nothing, when the test loss differs from the adapter's by more than
-`export.loss_tolerance`, or the task metric by more than `export.metric_tolerance` with an
-interval that excludes 0; the message gives the figures. The model card (README.md) records the base model, data version,
+The check refuses the model when the test loss differs from the adapter's by more than
+`export.loss_tolerance`, or the task's primary metric by more than `export.metric_tolerance` (of the
+adapter's value, for an error in the data's units) with an interval that excludes 0. A refused model
+is not exported: the export folder holds only a note, export.json says why with the figures, and
+exported.json (what `dvc exp show` lists) says `refused`. The stage still succeeds, so the run keeps
+its adapter and scores: an experiment is never lost to its export check. The model card (README.md) records the base model, data version,
 params and metrics.
 """
 
@@ -39,13 +42,14 @@ import yaml
 from qlora import cores
 from qlora.console import done, quiet_known_noise
 from qlora.models import is_quantized, load_model
-from qlora.outputs import atomic_dir, write_json
+from qlora.outputs import atomic_dir, log, write_json
 from qlora.params import load_params
 from qlora.scoring import (answer_budget, decode_answers, example_losses, generate_answer_ids, greedy_answers_like,
                            loss_summary, paired_interval)
 from qlora.splits import load_format, load_split
 from qlora.tasks import task_for
 
+EXPORTED = "exported.json"  # under paths.metrics: {"export": written, refused or on_demand}, what `dvc exp show` lists
 PARAMS = ["export", "base", "data", "tokenize", "quantize", "lora", "train",
           "evaluate.task", "evaluate.batch_size", "evaluate.max_new_tokens",
           "paths.raw", "paths.prepared", "paths.quantized", "paths.tokenizer", "paths.tokenized",
@@ -104,6 +108,10 @@ def compare(outputs, references):
     )
 
 
+class Refused(Exception):
+    """The export check refused the exported model: the stage exports nothing and says why (refuse)."""
+
+
 def hold_to_tolerance(check, task, x, what="the merged model", prefix=""):
     """Refuse an export that does not score what the adapter scored on the same test prompts: a test loss
     further than export.loss_tolerance, or the task's primary metric further than export.metric_tolerance
@@ -118,16 +126,15 @@ def hold_to_tolerance(check, task, x, what="the merged model", prefix=""):
     low, high = c[f"{primary}_diff_ci_low"], c[f"{primary}_diff_ci_high"]
     if loss_diff > x.loss_tolerance or (metric_diff > allowed and not low <= 0 <= high):
         share = " of the adapter's value" if task.relative else ""
-        raise SystemExit(
-            f"export: {what} does not score what the adapter scored on test: loss {c['test_loss']} "
+        raise Refused(
+            f"{what} does not score what the adapter scored on test: loss {c['test_loss']} "
             f"vs {check['adapter_test_loss']} (difference {loss_diff:.4f}, export.loss_tolerance "
             f"{x.loss_tolerance}), {primary} {c[f'test_{primary}']} vs {check[f'adapter_test_{primary}']} "
             f"(difference {metric_diff:.4f}, paired 95% interval [{low}, {high}], export.metric_tolerance "
             f"{x.metric_tolerance}{share}); same answer on "
-            f"{c['answer_agreement']:.1%} of test. Nothing was exported"
+            f"{c['answer_agreement']:.1%} of test"
             + (f". export.dtype: float32 keeps more of the model than {x.dtype}" if x.dtype != "float32" and not prefix
-               else "")
-            + "; to compare runs without exporting them, `dvc exp run evaluate ...` stops before this stage.")
+               else ""))
 
 
 def answer_setup(p):
@@ -288,24 +295,25 @@ def checking_dtype(dtype, precision):
     return dtype if dtype in (precision.torch_dtype, torch.float32) else torch.float32
 
 
-def check_gguf(path, p, reference, examples, test, adapter, adapter_rows, tokenizer, dtype):
+def check_gguf(path, p, reference, examples, test, adapter_rows, tokenizer, dtype, check):
     """The GGUF against the quantized base + adapter: logits on the check examples, and test loss, answers
-    and task metric on the whole test split. Returns those figures (keys prefixed gguf_) and the file's
-    metadata; raises when they are out of tolerance. `dtype`: what the checks compute in (checking_dtype)."""
+    and task metric on the whole test split. Adds those figures (keys prefixed gguf_) to `check` and
+    returns the file's metadata; raises Refused when they are out of tolerance. `dtype`: what the checks
+    compute in (checking_dtype)."""
     model, gguf_tokenizer, meta = load_gguf(path, dtype)
     if gguf_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"export: the vocabulary inside {path.name} differs from the tokenizer's; nothing was exported")
+        raise Refused(f"the vocabulary inside {path.name} differs from the tokenizer's")
     task, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
-    check = {f"gguf_{k}": v for k, v in dict(**compare(logits(model, examples, p.evaluate.batch_size), reference), **scores).items()}
+    check.update({f"gguf_{k}": v for k, v in dict(**compare(logits(model, examples, p.evaluate.batch_size), reference),
+                                                   **scores).items()})
     check.update(gguf_file=path.name, gguf_type=p.export.gguf, gguf_mb=round(path.stat().st_size / 2**20, 1),
-                 gguf_chat_template=meta["chat_template"] is not None,
-                 **{f"adapter_{k}": v for k, v in adapter.items()})
+                 gguf_chat_template=meta["chat_template"] is not None)
     want = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if meta["chat_template"] != want:
-        raise SystemExit(f"export: {path.name} carries {'no' if meta['chat_template'] is None else 'another'} chat "
-                         f"template than the tokenizer's; nothing was exported")
+        raise Refused(f"{path.name} carries {'no' if meta['chat_template'] is None else 'another'} chat template "
+                      f"than the tokenizer's")
     hold_to_tolerance(check, task, p.export, what=f"the GGUF file {path.name}", prefix="gguf_")
-    return check, meta
+    return meta
 
 
 MARK = "PROMPT-MARK-5c1e"
@@ -384,22 +392,39 @@ def model_card(p, base_config, version, params, adapter, check):
     ])
 
 
+def note_only(p, text, record, status):
+    """The export folder with only a note in it (no model), export.json and exported.json (`status`, the one
+    figure of the export that `dvc exp show` lists)."""
+    with atomic_dir(p.paths.export) as out:
+        (out / "README.md").write_text(f"# Not exported\n\n{text}\n")
+    write_json(Path(p.paths.metrics) / "export.json", record)
+    write_json(Path(p.paths.metrics) / EXPORTED, dict(export=status))
+
+
 def skip(p):
     """export.when: on_demand: no model is loaded; the export folder holds only a note saying how to export."""
-    with atomic_dir(p.paths.export) as out:
-        (out / "README.md").write_text(
-            "# Not exported\n\nThis run set `export.when: on_demand`, so the export stage wrote only this note. "
-            "To export it: `dvc exp apply <experiment>` (or check out its commit), then "
-            "`dvc exp run -S export.when=always`; only the export stage runs.\n")
-    write_json(Path(p.paths.metrics) / "export.json", dict(exported=False, when="on_demand"))
+    note_only(p, "This run set `export.when: on_demand`, so the export stage wrote only this note. To export it: "
+                 "`dvc exp apply <experiment>` (or check out its commit), then `dvc exp run -S export.when=always`; "
+                 "only the export stage runs.", dict(exported=False, when="on_demand"), "on_demand")
     done("not exported (export.when: on_demand); dvc exp run -S export.when=always exports this run")
+
+
+def refuse(p, reason, check):
+    """The check refused the model: no model is left as the export, and the run keeps its training and
+    evaluation (the stage succeeds, so an experiment is kept whatever its export check says); export.json
+    and exported.json say it was refused, and why."""
+    note_only(p, f"The export check refused this run's model: {reason}. The adapter (models/adapter) and its "
+                 "scores are kept. To export it anyway, loosen export.loss_tolerance or export.metric_tolerance, or "
+                 "set export.dtype: float32, and `dvc exp run` again: only the export stage runs.",
+              dict(exported=False, refused=str(reason), **check), "refused")
+    log(f"export refused: {reason}")
+    done("not exported: the check refused the model (metrics/export.json has why); the run keeps its adapter and scores")
 
 
 def main():
     quiet_known_noise()  # before bitsandbytes is imported
     cores.claim()  # its share of the cores, with other stages running at once
     import torch
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     p = load_params(PARAMS)
@@ -409,8 +434,19 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     test = load_split(p.paths.tokenized, "test")
     examples = test["input_ids"][: p.export.check_examples]
-    metrics_dir = Path(p.paths.metrics)
+    check = {}
+    try:
+        return exported(p, dtype, tokenizer, test, examples, check)
+    except Refused as reason:
+        return refuse(p, reason, check)
 
+
+def exported(p, dtype, tokenizer, test, examples, check):
+    """Merge, check and write the export; `check` collects the figures as they are measured (refuse reports
+    them when the check refuses the model)."""
+    from peft import PeftModel
+
+    metrics_dir = Path(p.paths.metrics)
     trained = PeftModel.from_pretrained(load_model(p.paths.quantized, p.quantize.compute_dtype), p.paths.adapter)
     precision = trained.get_base_model().compute_precision  # the reference computes as training did
     reference = logits(trained, examples, p.evaluate.batch_size)  # the model as trained and evaluated
@@ -427,7 +463,7 @@ def main():
     checked_in = checking_dtype(dtype, precision)
     model = model.to(checked_in)  # in place, exact: the checks below see the saved weights
     floor = compare(unmerged, reference)
-    check = dict(dtype=p.export.dtype, **precision.record(), checked_in=str(checked_in).removeprefix("torch."),
+    check.update(dtype=p.export.dtype, **precision.record(), checked_in=str(checked_in).removeprefix("torch."),
                  check_examples=len(examples),
                  merge_max_abs_diff=round(merge_error, 6),
                  float32_max_abs_logit_diff=floor["max_abs_logit_diff"],
@@ -450,11 +486,10 @@ def main():
         if p.export.gguf != "none":
             del model
             gguf = write_gguf(out, p.export.gguf, source_gguf(p.base))
-            gguf_check, meta = check_gguf(gguf, p, reference, examples, test, adapter, adapter_rows, tokenizer,
-                                          checked_in)
-            check.update(gguf_check)
+            meta = check_gguf(gguf, p, reference, examples, test, adapter_rows, tokenizer, checked_in, check)
             (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, meta["add_bos_token"]))
     write_json(metrics_dir / "export.json", dict(exported=True, **check, disk_mb=round(size / 2**20, 1)))
+    write_json(metrics_dir / EXPORTED, dict(export="written"))
     done(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
          f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
          f"argmax agreement {check['argmax_agreement']}, merge error {check['merge_max_abs_diff']}; "

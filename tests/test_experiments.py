@@ -66,7 +66,7 @@ def test_queued_grid_on_two_workers_runs_every_point_with_its_own_metrics(swept)
     # What `dvc exp show` lists: only scores.json, a dozen leaves, each the figure of the file it comes from.
     shown = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
     files = {f for b in shown for e in b.get("experiments") or [] for f in e["revs"][0]["data"]["metrics"]}
-    assert files == {"metrics/scores.json"}
+    assert files == {"metrics/scores.json", "metrics/exported.json"}
     from stages.evaluate import COST, SCORES
 
     sources = {k.format(primary="accuracy"): v.format(primary="accuracy") for k, v in {**SCORES, **COST}.items()}

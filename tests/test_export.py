@@ -108,11 +108,13 @@ def test_an_export_that_does_not_score_what_the_adapter_scored_is_refused(tiny_p
     p = tiny_project
     set_params(p / "params.yaml", {"export.loss_tolerance": 1e-9, "export.metric_tolerance": 0.0})
     result = run(["dvc", "repro", "export"], p, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 0, "a refused model costs the run nothing but its export"
     message = result.stderr
-    assert "export: the merged model does not score what the adapter scored on test: loss" in message, message[-2000:]
-    assert "export.loss_tolerance 1e-09" in message and "Nothing was exported" in message
-    assert not (p / "models/export").exists(), "no output written"
+    assert "export refused: the merged model does not score what the adapter scored on test: loss" in message, \
+        message[-2000:]
+    assert "export.loss_tolerance 1e-09" in json.loads((p / "metrics/export.json").read_text())["refused"]
+    assert [f.name for f in (p / "models/export").iterdir()] == ["README.md"], "no model written"
+    assert json.loads((p / "metrics/exported.json").read_text()) == {"export": "refused"}
 
 
 def test_export_on_demand_loads_no_model_and_always_exports_it_later(tiny_project):
@@ -126,11 +128,13 @@ def test_export_on_demand_loads_no_model_and_always_exports_it_later(tiny_projec
     assert [f.name for f in (p / "models/export").iterdir()] == ["README.md"]
     assert "export.when=always" in (p / "models/export/README.md").read_text()
     assert json.loads((p / "metrics/export.json").read_text()) == {"exported": False, "when": "on_demand"}
+    assert json.loads((p / "metrics/exported.json").read_text()) == {"export": "on_demand"}
     set_params(p / "params.yaml", {"export.when": "always"})
     assert repro(p) == {"validate", "export"}
     again = json.loads((p / "metrics/export.json").read_text())
     assert again["exported"] is True and again["test_loss"] == exported["test_loss"]
     assert (p / "models/export/model.safetensors").exists()
+    assert json.loads((p / "metrics/exported.json").read_text()) == {"export": "written"}
 
 
 @pytest.mark.parametrize("source", ["bundled", "gguf", "local", "hub"])

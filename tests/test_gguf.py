@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, locked_stages, repro, run, set_params
+from conftest import ROOT, repro, run, set_params
 
 
 def test_the_converter_does_not_replace_the_pinned_gguf_module():
@@ -124,23 +124,30 @@ def test_a_gguf_a_few_percent_off_is_told_apart_from_q8_0_rounding(gguf_project,
         ["model.layers.1.mlp.down_proj.weight"]
 
 
-def test_an_export_that_misses_the_tolerance_by_a_little_fails_and_exports_nothing(gguf_copy):
-    """export.loss_tolerance just under what the exported models differ by: the stage stops, names the
-    model and the figures, exports nothing and records nothing in dvc.lock."""
+def test_an_export_that_misses_the_tolerance_by_a_little_is_refused_and_the_experiment_kept(gguf_copy):
+    """export.loss_tolerance just under what the exported models differ by: the check refuses the model,
+    names it and the figures, and exports nothing; the experiment is kept with its training and
+    evaluation, and `dvc exp show` says the export was refused."""
     p = gguf_copy
     export = json.loads((p / "metrics/export.json").read_text())
     diffs = {"the merged model": abs(export["test_loss"] - export["adapter_test_loss"]),
              "the GGUF file model.q8_0.gguf": abs(export["gguf_test_loss"] - export["adapter_test_loss"])}
     what, diff = max(diffs.items(), key=lambda item: item[1])
     assert diff > 0, "no difference to fall short of"
-    lock = locked_stages(p)
-    set_params(p / "params.yaml", {"export.loss_tolerance": round(0.9 * diff, 6)})
-    result = run(["dvc", "repro", "export"], p, check=False)
-    assert result.returncode != 0
-    assert f"export: {what} does not score what the adapter scored on test" in result.stderr, result.stderr[-2000:]
-    assert f"difference {diff:.4f}, export.loss_tolerance {round(0.9 * diff, 6)}" in result.stderr
-    assert locked_stages(p)["export"] == lock["export"], "the failed export is not recorded"
-    assert not (p / "models/export").exists(), "nothing exported"
+    tolerance = round(0.9 * diff, 6)
+    result = run(["dvc", "exp", "run", "-n", "strict", "-S", f"export.loss_tolerance={tolerance}"], p, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"export refused: {what} does not score what the adapter scored on test" in result.stderr
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], p).stdout)
+    exp = next(e["revs"][0] for b in shown for e in b.get("experiments") or [] if e["name"] == "strict")
+    assert exp["data"]["metrics"]["metrics/exported.json"]["data"] == {"export": "refused"}
+    assert exp["data"]["metrics"]["metrics/scores.json"]["data"]["val_loss"] > 0, "its scores are kept"
+    record = json.loads((p / "metrics/export.json").read_text())  # the workspace holds the experiment's outputs
+    assert record["exported"] is False
+    assert f"difference {diff:.4f}, export.loss_tolerance {tolerance}" in record["refused"]
+    assert record["adapter_test_loss"] == export["adapter_test_loss"], "the figures it was refused on"
+    assert [f.name for f in (p / "models/export").iterdir()] == ["README.md"], "no model is left as the export"
+    assert "refused" in (p / "models/export/README.md").read_text()
 
 
 CORRUPTING_CONVERTER = '''
@@ -161,22 +168,21 @@ tensor.data[...] = 0  # a file that loads and runs, with the wrong weights
 '''
 
 
-def test_a_corrupted_gguf_is_caught_and_nothing_is_exported(gguf_copy, tmp_path):
+def test_a_corrupted_gguf_is_caught_and_refused(gguf_copy, tmp_path):
     from stages.export import converter
 
     p = gguf_copy
     fake = tmp_path / "converter"
     fake.mkdir()
     (fake / "convert_hf_to_gguf.py").write_text(CORRUPTING_CONVERTER.format(real=str(converter())))
-    lock = locked_stages(p)
     set_params(p / "params.yaml", {"export.loss_tolerance": 0.049})  # export reruns
     env = dict(os.environ, QLORA_GGUF_CONVERTER=str(fake))
     result = run_with_env(["dvc", "repro", "export"], p, env)
-    assert result.returncode != 0
-    assert "export: the GGUF file model.q8_0.gguf does not score what the adapter scored on test" in result.stderr, \
-        result.stderr[-2000:]
-    assert not (p / "models/export").exists(), "nothing exported"
-    assert locked_stages(p)["export"] == lock["export"], "the failed export is not recorded"
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "export refused: the GGUF file model.q8_0.gguf does not score what the adapter scored on test" in \
+        result.stderr, result.stderr[-2000:]
+    assert [f.name for f in (p / "models/export").iterdir()] == ["README.md"], "neither model nor file is left"
+    assert json.loads((p / "metrics/exported.json").read_text()) == {"export": "refused"}
 
 
 def run_with_env(cmd, cwd, env):

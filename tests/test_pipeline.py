@@ -114,7 +114,8 @@ def test_exp_run_set_param_reruns_train_only(tiny_project):
             for value in node:
                 yield from metric_files(value)
 
-    assert set(metric_files(table)) == {"metrics/scores.json"}, "DVC's metrics are only what decides and what it cost"
+    assert set(metric_files(table)) == {"metrics/scores.json", "metrics/exported.json"}, \
+        "DVC's metrics are only what decides, what it cost, and whether it was exported"
 
 
 @pytest.mark.parametrize("key,value,message", [

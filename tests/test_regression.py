@@ -76,6 +76,16 @@ def test_a_collapsed_model_is_exposed_by_its_spread_and_the_median():
     assert varied["distinct"] == 8 and 0.5 < varied["spread"] < 1.5 and varied["mae_vs_median"] < 0
 
 
+def test_every_kind_counts_distinct_answers_and_regression_shows_its_worst_first():
+    from qlora.tasks import Classification, Generation
+
+    assert Classification(["a", "b"]).score(["a", "A.", "a", "none"], ["a", "b", "a", "b"])[0]["distinct"] == 1
+    assert Generation().score(["The cat.", "the cat", "", "a dog"], ["x"] * 4)[0]["distinct"] == 2
+    task = Regression(train_answers=TRAIN)
+    _, rows = task.score(["100", "700", "305"], ["120", "250", "310"])
+    assert [r["abs_error"] for r in task.shown_first(rows)] == [450, 20, 5]
+
+
 def test_rmsle_is_left_out_where_a_value_is_negative():
     task = Regression(train_answers=["-5", "5"])
     metrics, rows = task.score(["-3", "4"], ["-5", "5"])

@@ -44,7 +44,7 @@ def test_classification_metrics_and_answered():
     assert [r["correct"] for r in rows] == [1, 1, 0, 1, 0, 1]
     # per class F1: a 2*2/(2*2+0+1)=0.8, b 2*1/(2+1+0)=0.667, c 2*1/(2+0+1)=0.667
     assert metrics == {"accuracy": round(4 / 6, 4), "macro_f1": round((0.8 + 2 / 3 + 2 / 3) / 3, 4),
-                       "answered": round(5 / 6, 4)}
+                       "answered": round(5 / 6, 4), "distinct": 3}
 
 
 def test_an_echoing_model_scores_nothing_and_answers_nothing():
@@ -69,11 +69,11 @@ def test_generation_metrics_order_the_answers_that_fool_them():
         return Generation().score(answers, REFERENCES)[0]
 
     exact = score(REFERENCES)
-    assert exact == {"exact_match": 1.0, "chrf": 1.0, "rouge_l": 1.0, "answered": 1.0}
+    assert exact == {"exact_match": 1.0, "chrf": 1.0, "rouge_l": 1.0, "answered": 1.0, "distinct": 3}
     assert score(["return the number of items in a container", "join two or more path components",
                   "sleep for the given number of seconds"])["exact_match"] == 1.0, "case and punctuation"
     empty = score(["", "", ""])
-    assert empty == {"exact_match": 0.0, "chrf": 0.0, "rouge_l": 0.0, "answered": 0.0}
+    assert empty == {"exact_match": 0.0, "chrf": 0.0, "rouge_l": 0.0, "answered": 0.0, "distinct": 0}
     chatty = score([f"Sure! Here is the answer you asked for: {r} I hope this helps." for r in REFERENCES])
     assert chatty["exact_match"] == 0 and 0.3 < chatty["chrf"] < 1 and 0.3 < chatty["rouge_l"] < 1
     echoed = score(["What does len do?", "What does os.path.join do?", "What does time.sleep do?"])

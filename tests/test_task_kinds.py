@@ -66,3 +66,21 @@ def test_a_study_minimizes_the_toy_tasks_val_metric(length, tmp_path, monkeypatc
     shutil.copy(ROOT / "params.yaml", "params.yaml")
     (tmp_path / "tune.yaml").write_text("objective: val_miss\nspace:\n  lora.r: choice [2, 4]\n")
     assert load_config("tune.yaml")["direction"] == "minimize"
+
+
+def test_no_code_but_the_task_module_names_a_task():
+    """What a task does is asked of its object; a branch on its name elsewhere would miss a new kind.
+    The one list of names outside qlora/tasks.py is params.py's, checked against it in test_scoring."""
+    import re
+
+    names = "|".join(TASKS)
+    found = []
+    for path in sorted({*ROOT.glob("qlora/**/*.py"), *ROOT.glob("stages/*.py"), *ROOT.glob("tools/*.py"),
+                        *ROOT.glob("benchmarks/*.py")}):
+        if path.relative_to(ROOT).as_posix() == "qlora/tasks.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if re.search(rf"""["']({names})["']""", code) and not code.startswith("TASKS = ("):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert found == []
