@@ -114,7 +114,8 @@ def test_compare_report_and_offline_plots(swept, tmp_path):
     report, against = (p / "reports/compare.md").read_text().split("\n## Against ")
     best = min(rows, key=lambda name: rows[name][1]["val_loss"])
     table = [line for line in report.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| experiment | lora.r | val loss |"), "changed params, then metrics"
+    assert table[0].startswith("| experiment | val loss | test acc | acc vs base | answered | lora.r |"), \
+        "what decides, then the changed params"
     assert len(table) == 1 + 3, "the baseline and both experiments"
     assert [line for line in table if "★" in line] == [next(line for line in table if f" {best} |" in line)]
     # Each experiment against the baseline commit, paired over the same test examples: every metric
@@ -127,10 +128,11 @@ def test_compare_report_and_offline_plots(swept, tmp_path):
     assert {(cells[0].strip("| "), cells[1]) for cells in paired} == {(n, m) for n in ("small", "large") for m in metrics}
     assert all(cells[-1].strip(" |") in ("better", "worse", "within noise") for cells in paired)
 
-    # The console table: changed params first, lowest val loss first, test metrics ± the half-width of
-    # their interval.
+    # The console table: what decides first, then the changed params; lowest val loss first, test metrics
+    # ± the half-width of their interval.
     console = run(["env", "COLUMNS=200", *python, "exps", *same_split], p).stdout.splitlines()
-    assert console[0].split()[:4] == ["experiment", "lora.r", "val", "loss"]
+    assert console[0].split()[:9] == ["experiment", "val", "loss", "test", "acc", "acc", "vs", "base", "answered"]
+    assert console[0].split()[9] == "lora.r"
     assert console[1].split()[:2] == ["★", best], "lowest val loss first"
     assert len(table_lines(console)) == 1 + 3
     assert all(re.search(r"\d ±0\.\d+ ", line) for line in console[1:4]), "test metrics with their interval"
@@ -138,7 +140,7 @@ def test_compare_report_and_offline_plots(swept, tmp_path):
     assert len(only) == 1 and only[0].split()[0] == "small", "only the one named"
     narrow = run(["env", "COLUMNS=80", *python, "exps", *same_split], p).stdout.splitlines()
     assert all(len(line) <= 80 for line in narrow) and "Left out at 80 columns: " in narrow[len(table_lines(narrow))]
-    assert narrow[0].split()[:4] == ["experiment", "lora.r", "val", "loss"], "what changed and what decides stay"
+    assert narrow[0].split()[:5] == ["experiment", "val", "loss", "test", "acc"], "what decides stays"
 
     # Then every run: two test sets.
     run([*python, "compare", "--ref", "small"], p)
@@ -176,7 +178,7 @@ def test_compare_report_and_offline_plots(swept, tmp_path):
     assert ">small<" in dom and ">large<" in dom, "the legend names the experiments"
 
 
-def test_noise_runs_each_seed_once_and_writes_the_spread(tiny_project):
+def test_noise_runs_each_seed_once_and_writes_the_spread(tiny_project, monkeypatch):
     p = tiny_project
     python = [sys.executable, "-m", "tools.report", "noise", "--seeds", "2"]
     run(python, p)
@@ -189,6 +191,19 @@ def test_noise_runs_each_seed_once_and_writes_the_spread(tiny_project):
     assert "| val_loss |" in (p / "reports/noise.md").read_text()
     run(python, p)  # a second call reuses the runs
     assert len([n for n in exp_rows(p) if n.startswith("noise-seed-")]) == 2
+
+    # The floor applies to runs on the test set it was measured on, and to no other.
+    from tools.report import test_set_of
+
+    monkeypatch.chdir(p)
+    assert noise["test_set"] == test_set_of("workspace") and noise["data"]["data/prepared"]
+    compare = [sys.executable, "-m", "tools.report", "compare"]
+    run(compare, p)
+    assert "(2 seeds, measured on this test set) are within noise" in (p / "reports/compare.md").read_text()
+    (p / "reports/noise.json").write_text(json.dumps(dict(noise, test_set="0ther5et")))
+    run(compare, p)
+    assert "No seed noise floor is applied: reports/noise.json was measured on another test set" in \
+        (p / "reports/compare.md").read_text()
 
 
 def test_a_column_has_the_digits_that_tell_its_values_apart():

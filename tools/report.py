@@ -28,11 +28,16 @@ REPORTS = Path("reports")
 # as many as the terminal is wide. Best run: lowest val loss. metrics/scores.json is what `dvc exp show`
 # lists; the stages' other figures are plain outputs in git beside it (DETAILS), read at each run's commit.
 EVALUATE = "metrics/evaluate.json"
-KEY_METRICS = [
+# What decides between runs, shown before the params that differ and kept at any width: the val loss, each
+# task's primary metric on test (a run has its own task's) with its gain over the base model, answered.
+DECIDING = [
     (EVALUATE, "val_loss", "val loss"),
-    *[(EVALUATE, f"test_{t.primary}", t.titles[t.primary]) for t in TASKS.values()],  # a run has its task's
+    *[(EVALUATE, f"test_{t.primary}", t.titles[t.primary]) for t in TASKS.values()],
     *[(EVALUATE, f"{t.primary}_gain", f"{t.titles[t.primary].removeprefix('test ')} vs base") for t in TASKS.values()],
     (EVALUATE, "test_answered", "answered"),
+]
+KEY_METRICS = [
+    *DECIDING,
     (EVALUATE, "overfitting", "overfitting"),
     (EVALUATE, "best_val_step", "best step"),
     ("metrics/train.json", "tokens_per_second", "tokens/s"),
@@ -261,22 +266,30 @@ def test_set_names(rows):
 
 
 def table(rows, changed, best, param_width=28):
-    """(head, body) of the runs: experiment (★ the best of its test set), the test set when there are
-    several, the changed params, then KEY_METRICS a run has, each column to the digits that tell its
-    values apart."""
+    """(head, body) of the runs, and how many columns come before the changed params: experiment (★ the
+    best of its test set), the test set when there are several, the DECIDING metrics, the changed params,
+    then the other KEY_METRICS; a metric no run has is left out, and each column has the digits that tell
+    its values apart."""
     best = best if isinstance(best, list) else [best] if best else []
     shown = [(f, k, title) for f, k, title in KEY_METRICS  # the task's metrics: a column no run has is left out
              if any(k in r["metrics"].get(f, {}) for r in rows)]
+    deciding = [m for m in shown if m in DECIDING]
+    others = [m for m in shown if m not in DECIDING]
     sets = test_set_names(rows)
-    head = ["experiment", *(["test set"] if sets else []), *changed, *(title for _, _, title in shown)]
+
+    def metric_column(f, k):
+        digits = digits_for([r["metrics"].get(f, {}).get(k) for r in rows])
+        return [with_interval(r["metrics"].get(f, {}), k, digits) for r in rows]
+
+    head = ["experiment", *(["test set"] if sets else []), *(title for _, _, title in deciding), *changed,
+            *(title for _, _, title in others)]
     columns = [[("★ " if any(r is b for b in best) else "") + r["name"] for r in rows]]
     if sets:
         columns.append([sets.get(r["test_set"], "") for r in rows])
+    columns += [metric_column(f, k) for f, k, _ in deciding]
     columns += [[cell(r["params"].get(k), param_width) for r in rows] for k in changed]
-    for f, k, _ in shown:
-        digits = digits_for([r["metrics"].get(f, {}).get(k) for r in rows])
-        columns.append([with_interval(r["metrics"].get(f, {}), k, digits) for r in rows])
-    return head, [list(row) for row in zip(*columns)]
+    columns += [metric_column(f, k) for f, k, _ in others]
+    return head, [list(row) for row in zip(*columns)], 1 + bool(sets) + len(deciding)
 
 
 def by_val_loss(rows):
@@ -315,10 +328,9 @@ def exps(revs=None, names=None, width=None):
         raise SystemExit("exps: no experiments found; run `dvc exp run` first")
     width = max(80, width or shutil.get_terminal_size((200, 24)).columns)
     changed = changed_params(rows)
-    keep = 1 + bool(test_set_names(rows)) + len(changed) + 1  # the name, the test set, what changed, val loss
-    head, body = table(rows, changed, best_rows(rows))
+    head, body, keep = table(rows, changed, best_rows(rows))  # keep: the name, the test set, what decides
     if max(len(x) for x in text_table(head, body).splitlines()) > width:
-        head, body = table(rows, changed, best_rows(rows), param_width=16)
+        head, body, keep = table(rows, changed, best_rows(rows), param_width=16)
     head, body, dropped = fitted(head, body, width, keep)
     import textwrap
 
@@ -415,7 +427,7 @@ def comparisons(rows, ref_name):
     if ref is None:
         raise SystemExit(f"compare: no run named {ref_name!r} (runs: {', '.join(r['name'] for r in rows)})")
     ref_preds = predictions_at(ref["rev"])
-    floor = noise_floor()
+    floor, _ = noise_floor(ref["test_set"])
     head = ["experiment", "metric", "value", f"{ref_name}", "difference", "95% interval", "verdict"]
     body = []
     for row in rows:
@@ -443,7 +455,7 @@ def versus_runner_up(rows, best):
     if reason:
         return f" The runner-up, {runner_up['name']}, cannot be paired with it ({reason})."
     told = [f"{name} {verdict} ({diff:+}, [{low}, {high}])" for name, _, _, diff, low, high, verdict
-            in paired_comparison(theirs, mine, noise_floor()) if not verdict.startswith("within noise")]
+            in paired_comparison(theirs, mine, noise_floor(best["test_set"])[0]) if not verdict.startswith("within noise")]
     if not told:
         return (f" Against the runner-up, {runner_up['name']}, every test difference is within noise: "
                 "the two are not told apart on this test set.")
@@ -465,6 +477,17 @@ def wait_for_queue(timeout=24 * 3600):
             return status
         time.sleep(10)
     raise SystemExit("noise: the queue did not finish in time")
+
+
+def data_version():
+    """The raw data and the prepared splits the workspace's runs read, by DVC's content hash (dvc.lock)."""
+    import yaml
+
+    lock = Path("dvc.lock")
+    stages = yaml.safe_load(lock.read_text()).get("stages", {}) if lock.exists() else {}
+    prepare = stages.get("prepare", {})
+    return {e["path"]: e.get("md5") for e in prepare.get("deps", []) + prepare.get("outs", [])
+            if not e["path"].endswith(".py")}
 
 
 def noise(seeds, out, data_seeds=False):
@@ -498,7 +521,9 @@ def noise(seeds, out, data_seeds=False):
                for key, v in values.items() if len(v) > 1}
     from qlora.outputs import provenance
 
-    result = dict(seeds=seeds, data_seeds=data_seeds, experiments=[r["name"] for r in rows], metrics=summary,
+    sets = {r["test_set"] for r in rows}  # one, unless data.seed moved with the seed: then no set is recorded
+    result = dict(seeds=seeds, data_seeds=data_seeds, experiments=[r["name"] for r in rows],
+                  test_set=sets.pop() if len(sets) == 1 else None, data=data_version(), metrics=summary,
                   **provenance())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -514,13 +539,21 @@ def noise(seeds, out, data_seeds=False):
     return out / f"{NOISE}.md"
 
 
-def noise_floor(folder=REPORTS):
-    """The spread of each metric across seeds (reports/noise.json), by the name paired_comparison uses."""
+def noise_floor(test_set, folder=REPORTS):
+    """The spread of each metric across seeds (reports/noise.json), by the name paired_comparison uses, when
+    it was measured on `test_set` (the same data, split and test examples); and a sentence saying whether
+    it applies. A floor measured on other data says nothing of these runs: then none applies."""
     path = Path(folder) / f"{NOISE}.json"
     if not path.exists():
-        return {}
-    metrics = json.loads(path.read_text())["metrics"]
-    return {key.removeprefix("test_"): m["spread"] for key, m in metrics.items() if key != "val_loss"}
+        return {}, "No seed noise floor is applied (none measured: make noise)."
+    noise = json.loads(path.read_text())
+    if test_set is None or noise.get("test_set") != test_set:
+        return {}, (f"No seed noise floor is applied: {path} was measured on "
+                    + ("a test set it does not record" if not noise.get("test_set") else "another test set")
+                    + ", not these runs' (make noise on this data measures theirs).")
+    floor = {key.removeprefix("test_"): m["spread"] for key, m in noise["metrics"].items() if key != "val_loss"}
+    return floor, (f"Differences within the seed spread of {path} ({noise['seeds']} seeds, measured on this test set) "
+                   "are within noise.")
 
 
 def reference(rows, ref_name=None):
@@ -551,7 +584,7 @@ def compare(revs, out, ref_name=None, names=None):
     changed = changed_params(rows)
     bests = best_rows(rows)
     best = bests[0] if bests else None
-    head, body = table(rows, changed, bests)
+    head, body, _ = table(rows, changed, bests)
     specs = curve_specs(rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -567,7 +600,7 @@ def compare(revs, out, ref_name=None, names=None):
     ref, why = reference(rows, ref_name)
     ref_name = ref["name"]
     pair_head, pair_body = comparisons(rows, ref_name)
-    summary += f" Reference for the paired comparison: {ref_name}, {why}."
+    summary += f" Reference for the paired comparison: {ref_name}, {why}. " + noise_floor(ref["test_set"])[1]
     paired = (f"Each run against {ref_name} on the same test examples: the difference of each test metric, "
               "its paired 95% bootstrap interval (2,000 resamples of the examples, both runs scored on the same "
               "ones), and a verdict: better or worse when the interval excludes 0, within noise otherwise.")
