@@ -29,8 +29,9 @@ from qlora.outputs import provenance  # noqa: E402
 from qlora.scoring import paired_interval  # noqa: E402
 from qlora.tasks import TASKS  # noqa: E402
 
-# What the figures depend on (python -m tools.docs): a fresh clone's dvc repro, on the data writing_systems.py makes
-CODE = ["benchmarks/bring_your_model.py", "benchmarks/writing_systems.py", *PIPELINE]
+# What the figures depend on (python -m tools.docs): a fresh clone's dvc repro, on the data writing_systems.py or
+# debian_sizes.py makes
+CODE = ["benchmarks/bring_your_model.py", "benchmarks/writing_systems.py", "benchmarks/debian_sizes.py", *PIPELINE]
 
 
 def main():

@@ -25,6 +25,9 @@ class Task:
     described = {}  # {metric: what it is, in the docs' tables}
     mark = ""  # what a ✓ marks in predictions.md
 
+    reference = None  # a trivial predictor scored on the same examples, as the docs name it, or None
+    reference_keys = {}  # {metric: the key of the trivial predictor's value of it}
+    versus_reference = None  # the metric that pairs the model with the trivial predictor (below 0: the model wins)
     relative = False  # export.metric_tolerance is a share of the adapter's value (else in the metric's units)
     extra = ()  # further figures over a split that score() returns, without intervals or gains
     deciding = {}  # {scores.json key: evaluate.json key}: what `dvc exp show` lists beside the primary metric
@@ -64,6 +67,11 @@ class Task:
         return []
 
     order = "in the order of the test split"  # of predictions.md's rows (shown_first)
+
+    def scatter(self, rows, prefix=""):
+        """Truth against prediction per example, for the scatter plot (`prefix`: base_ for the base model's
+        answers in predictions.json's rows): [] where the answers are not numbers."""
+        return []
 
     def shown_first(self, rows):
         """predictions.md's rows in the order it shows them: the test split's, unless the task says otherwise."""
@@ -259,6 +267,9 @@ class Regression(Task):
     exposed; `distinct` counts the different numbers it answered and `spread` is the standard deviation
     of its predictions over the references' (near 0: a collapsed model)."""
     name, primary, relative = "regression", "mae", True
+    reference = "always the train median"
+    reference_keys = {"mae": "median_mae", "rmsle": "median_rmsle", "within_20": "median_within_20", "r2": "median_r2"}
+    versus_reference = "mae_vs_median"
     metrics = ("mae", "median_ae", "rmse", "rmsle", "within_20", "r2", "spearman", "answered", "mae_vs_median")
     lower_is_better = frozenset({"mae", "median_ae", "rmse", "rmsle", "mae_vs_median"})
     per_example = {"mae": "abs_error", "within_20": "within_20", "answered": "answered"}
@@ -354,6 +365,9 @@ class Regression(Task):
         return out
 
     order = "the fine-tuned model's largest errors first"
+
+    def scatter(self, rows, prefix=""):
+        return [dict(reference=parse_number(r["expected"]), prediction=r[f"{prefix}prediction"]) for r in rows]
 
     def shown_first(self, rows):
         """Worst first: the largest errors of the fine-tuned model."""

@@ -21,7 +21,9 @@
   `metrics/predictions.md`; every test example in `metrics/predictions.json` with its
   reference, both answers and each one's scores, so that two runs can be compared
   example by example; for classification, expected vs given label in
-  `metrics/confusion.json` (a confusion-matrix plot in dvc.yaml; empty for generation).
+  `metrics/confusion.json` (a confusion-matrix plot in dvc.yaml; empty for generation); for
+  numbers, each answer against its reference in `metrics/scatter.json` and the base model's in
+  `metrics/scatter_base.json` (the truth-vs-prediction plot in dvc.yaml; empty for the other tasks).
 """
 
 import json
@@ -196,6 +198,8 @@ def main():
     confusion = task.confusion(rows)
     write_json(metrics_dir / "predictions.json", rows)
     write_json(metrics_dir / "confusion.json", confusion)
+    write_json(metrics_dir / "scatter.json", task.scatter(rows))  # the truth-vs-prediction plot (numbers only)
+    write_json(metrics_dir / "scatter_base.json", task.scatter(rows, "base_"))
     (metrics_dir / "predictions.md").write_text(predictions_markdown(rows, metrics, task, e.samples))
     write_json(metrics_dir / "evaluate.json", metrics)
     write_json(metrics_dir / "scores.json", deciding(metrics, trained, task))

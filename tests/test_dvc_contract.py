@@ -81,14 +81,16 @@ def test_a_stage_cannot_read_an_undeclared_key():
 
 
 def test_plots_read_the_curves_the_train_stage_writes():
-    """Top-level plots name files (no templating there): they must be where dvclive writes."""
+    """Top-level plots name files (no templating there): they must be where dvclive writes, or outputs
+    of the evaluate stage (the truth-vs-prediction scatter)."""
     from stages import train
 
     live = f"{PARAMS['paths']['metrics']}/{train.LIVE_DIR}/"
     train_outs = {render(next(iter(o)) if isinstance(o, dict) else o) for o in DVC["train"]["outs"]}
     assert live.rstrip("/") in train_outs
+    evaluate_outs = {render(next(iter(o)) if isinstance(o, dict) else o) for o in DVC["evaluate"]["outs"]}
     files = {f for plot in DVC_YAML["plots"] for spec in plot.values() for f in spec["y"]}
-    assert files and all(f.startswith(live + "plots/metrics/") for f in files)
+    assert files and all(f.startswith(live + "plots/metrics/") or f in evaluate_outs for f in files)
     assert live + train.VAL_CURVE in files, "the val curve plotted is the one copied into the adapter and scored"
 
 

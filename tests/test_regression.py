@@ -155,3 +155,28 @@ def test_numbers_as_answers_run_to_the_end_scored_by_their_error(counting_projec
     assert export["adapter_test_mae"] == m["test_mae"], "the export check holds the merged model to MAE"
     assert abs(export["test_mae"] - m["test_mae"]) <= 0.03 * m["test_mae"] or \
         export["mae_diff_ci_low"] <= 0 <= export["mae_diff_ci_high"]
+
+
+def test_compare_gives_two_numeric_runs_an_error_verdict_and_a_truth_vs_prediction_plot(counting_project):
+    import json
+    import re
+    import sys
+
+    from conftest import run
+
+    p = counting_project
+    for name, r in (("r4", 4), ("r16", 16)):
+        run(["dvc", "exp", "run", "-n", name, "-S", f"lora.r={r}", "-S", "train.learning_rate=0.01"], p)
+    run([sys.executable, "-m", "tools.report", "compare", "--ref", "r4"], p)
+    report = (p / "reports/compare.md").read_text()
+    against = report.split("\n## Against ")[1]
+    mae = re.search(r"^\| r16 \| mae \| ([\d.]+) \| ([\d.]+) \| ([-+][\d.]+) \| \[([-\d.]+), ([-\d.]+)\] \| (.+) \|$",
+                    against, re.M)
+    assert mae, against
+    value, ref, diff, low, high, verdict = mae.groups()
+    expected = "within noise" if float(low) <= 0 <= float(high) else "better" if float(diff) < 0 else "worse"
+    assert verdict == expected, "a lower error is better"
+    assert "| experiment | val loss | MAE | MAE vs base | answered | lora.r |" in report, "what decides first"
+    assert (p / "reports/compare-truth.png").stat().st_size > 10_000
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], p).stdout)
+    assert "Truth vs prediction (test)" in plots.get("data", plots)

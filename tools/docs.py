@@ -457,11 +457,24 @@ def bring_your_model(name):
         task = TASKS[r["task"]]
         rows = [(task.described[k], f"test_{k}") for k in task.metrics]
         rows.append(("test loss on the answer tokens", "test_loss"))
-        lines = ["| | base model (4-bit, no adapter) | fine-tuned (4-bit + LoRA) |", "|---|---|---|"]
-        lines += [f"| {title} | {b[key]} | **{f[key]}** |" for title, key in rows]
+        ref = [task.reference] if task.reference else []  # a trivial predictor on the same examples
+
+        def interval(values, key):
+            low, high = values.get(f"{key}_ci_low"), values.get(f"{key}_ci_high")
+            return f" [{low}, {high}]" if low is not None else ""
+
+        lines = ["| | base model (4-bit, no adapter) | fine-tuned (4-bit + LoRA) |" + "".join(f" {n} |" for n in ref),
+                 "|---|---|---|" + "---|" * len(ref)]
+        lines += [f"| {title} | {b[key]}{interval(b, key)} | **{f[key]}**{interval(f, key)} |"
+                  + "".join(f" {f.get('test_' + task.reference_keys.get(key[5:], ''), '')} |" for _ in ref)
+                  for title, key in rows]
         t = r["train"]
+        versus = task.versus_reference and f"test_{task.versus_reference}"
         lines += [
             "",
+            *([f"Against {task.reference}: {task.versus_reference} {f[versus]:+}, paired 95% bootstrap interval "
+               f"[{f[versus + '_ci_low']}, {f[versus + '_ci_high']}] (below 0: the fine-tuned model is the better "
+               "predictor).", ""] if versus else []),
             f"Gain in {primary}: {r['gain']:+}, paired 95% bootstrap interval [{r['gain_ci_low']}, "
             f"{r['gain_ci_high']}] over the {r['test_examples']} test examples. Model: `{r['model_type']}`, "
             f"{r['parameters'] / 1e6:.0f}M parameters, a vocabulary of {r['vocab_size']:,} tokens; format "
@@ -590,6 +603,7 @@ BLOCKS = {
     "compare-example": compare_page("docs/compare-example"),
     "lr-sweep": compare_page("docs/lr-sweep", runs=True),
     "byom-gemma3": bring_your_model("gemma3-270m-writing-systems"),
+    "byom-debian-sizes": bring_your_model("debian-sizes"),
     "stage-times": stage_times,
     "after-repro": after_repro,
     "console": console,
@@ -649,6 +663,10 @@ RESULTS = {
     "benchmarks/results/gemma3-270m-writing-systems": Written(
         "benchmarks/bring_your_model.py", None, "`.venv/bin/python benchmarks/bring_your_model.py "
         "gemma3-270m-writing-systems RAW KEY=VALUE ...` with the data and edits its file records (docs/data.md)"),
+    "benchmarks/results/debian-sizes": Written(
+        "benchmarks/bring_your_model.py", None, "`.venv/bin/python benchmarks/debian_sizes.py RAW`, then "
+        "`.venv/bin/python benchmarks/bring_your_model.py debian-sizes RAW KEY=VALUE ...` with the edits its file "
+        "records (docs/data.md)"),
     "benchmarks/results/gpu-default-pipeline": Written(
         "benchmarks/gpu_results.py", None, "`bash benchmarks/gpu.sh ci`" + GPU),
     "benchmarks/results/gpu-train-vs-trl": Written(

@@ -368,6 +368,40 @@ def curve_specs(rows):
     return specs
 
 
+SCATTER = "Truth vs prediction (test)"
+
+
+def scatter_spec(rows):
+    """Each run's test answers against their references, and the base model's once per test set, as a
+    vega-lite spec (log axes when every value is above 0 and they span two decades or more); None when no
+    run's answers are numbers (the task says: qlora.tasks.Task.scatter)."""
+    values, bases = [], set()
+    for r in rows:
+        preds = predictions_at(r["rev"]) if r["status"] == "Success" and r["rev"] != "workspace" else None
+        kind = next((t for t in TASKS.values() if t.owns(preds)), None) if preds else None
+        points = kind().scatter(preds) if kind else []
+        if not points:
+            continue
+        values += [dict(p, run=r["name"]) for p in points]
+        if r["test_set"] not in bases:
+            bases.add(r["test_set"])
+            base = "base model" + (f" (test set {test_set_names(rows)[r['test_set']]})" if test_set_names(rows) else "")
+            values += [dict(p, run=base) for p in kind().scatter(preds, "base_")]
+    if not values:
+        return None
+    low, high = (f(v[k] for v in values for k in ("reference", "prediction")) for f in (min, max))
+    scale = {"type": "log"} if low > 0 and high >= 100 * low else {"zero": False}
+    axis = lambda field: dict(field=field, type="quantitative", scale=scale)  # noqa: E731
+    return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "width": 520, "height": 400,
+            "layer": [
+                {"data": {"values": values}, "mark": {"type": "point", "filled": True, "opacity": 0.6},
+                 "encoding": {"x": axis("reference"), "y": axis("prediction"),
+                              "color": {"field": "run", "type": "nominal"}}},
+                {"data": {"values": [dict(reference=low, prediction=low), dict(reference=high, prediction=high)]},
+                 "mark": {"type": "line", "color": "gray", "strokeDash": [4, 4]},  # prediction = truth
+                 "encoding": {"x": axis("reference"), "y": axis("prediction")}}]}
+
+
 def predictions_at(rev):
     """The per-example test predictions a run committed, or None (a failed or older run)."""
     result = subprocess.run(["git", "show", f"{rev}:{PREDICTIONS}"], capture_output=True, text=True)
@@ -585,7 +619,7 @@ def compare(revs, out, ref_name=None, names=None):
     bests = best_rows(rows)
     best = bests[0] if bests else None
     head, body, _ = table(rows, changed, bests)
-    specs = curve_specs(rows)
+    specs = {**curve_specs(rows), **({SCATTER: scatter} if (scatter := scatter_spec(rows)) else {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
