@@ -24,6 +24,7 @@ class Task:
     titles = {}  # {metric: its column title in the reports}
     described = {}  # {metric: what it is, in the docs' tables}
     mark = ""  # what a ✓ marks in predictions.md
+    order = "in the order of the test split"  # of predictions.md's rows (shown_first)
 
     reference = None  # a trivial predictor scored on the same examples, as the docs name it, or None
     reference_keys = {}  # {metric: the key of the trivial predictor's value of it}
@@ -65,8 +66,6 @@ class Task:
     def confusion(self, rows):
         """Expected against given, for the confusion plot: [] where the task has none."""
         return []
-
-    order = "in the order of the test split"  # of predictions.md's rows (shown_first)
 
     def scatter(self, rows, prefix=""):
         """Truth against prediction per example, for the scatter plot (`prefix`: base_ for the base model's
@@ -282,6 +281,7 @@ class Regression(Task):
                  "spearman": "test Spearman correlation", "answered": "answered (a number)",
                  "mae_vs_median": "MAE minus always answering the train median's"}
     mark = "an answer within 20% of the reference (its error in brackets)"
+    order = "the fine-tuned model's largest errors first"
 
     def __init__(self, labels=(), train_answers=()):
         super().__init__(labels, train_answers)
@@ -363,8 +363,6 @@ class Regression(Task):
             ry, rp = ry - ry.mean(axis=1, keepdims=True), rp - rp.mean(axis=1, keepdims=True)
             out["spearman"] = (ry * rp).sum(axis=1) / np.sqrt((ry ** 2).sum(axis=1) * (rp ** 2).sum(axis=1))
         return out
-
-    order = "the fine-tuned model's largest errors first"
 
     def scatter(self, rows, prefix=""):
         return [dict(reference=parse_number(r["expected"]), prediction=r[f"{prefix}prediction"]) for r in rows]
