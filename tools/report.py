@@ -446,8 +446,12 @@ def paired_comparison(ref, rows, floor=None):
     mine_resampled, theirs_resampled = samples(rows, idx), samples(ref, idx)
     out = []
     for name in mine:
+        if name not in theirs or not np.isfinite([mine[name][0], theirs[name][0]]).all():
+            continue  # undefined for one of the runs (a correlation of constant answers, RMSLE below 0)
         diff = round(float(mine[name][0] - theirs[name][0]), 4)
         low, high = interval(mine_resampled[name] - theirs_resampled[name])
+        if low is None:
+            continue
         sign = task.better(name)
         verdict = "within noise" if low <= 0 <= high else \
             "within noise (seed spread)" if abs(diff) < floor.get(name, 0) else "better" if sign * diff > 0 else "worse"
