@@ -472,10 +472,13 @@ def bring_your_model(name):
         versus = task.versus_reference and f"test_{task.versus_reference}"
         lines += [
             "",
-            *([f"Against {task.reference}: {task.versus_reference} {f[versus]:+}, paired 95% bootstrap interval "
-               f"[{f[versus + '_ci_low']}, {f[versus + '_ci_high']}] (below 0: the fine-tuned model is the better "
-               "predictor).", ""] if versus else []),
-            f"Gain in {primary}: {r['gain']:+}, paired 95% bootstrap interval [{r['gain_ci_low']}, "
+            *([f"Against {task.reference}, on the same test examples: {task.versus_reference} {f[versus]:+}, paired 95% "
+               f"bootstrap interval [{f[versus + '_ci_low']}, {f[versus + '_ci_high']}] (below 0: the fine-tuned model "
+               f"is the better predictor). Here the fine-tuned model is "
+               + ("the better predictor" if f[versus + "_ci_high"] < 0 else
+                  "the worse predictor" if f[versus + "_ci_low"] > 0 else "not told apart from it") + ".", ""]
+              if versus else []),
+            f"Fine-tuned minus base model in {primary}: {r['gain']:+}, paired 95% bootstrap interval [{r['gain_ci_low']}, "
             f"{r['gain_ci_high']}] over the {r['test_examples']} test examples. Model: `{r['model_type']}`, "
             f"{r['parameters'] / 1e6:.0f}M parameters, a vocabulary of {r['vocab_size']:,} tokens; format "
             f"`{r['template']}` (system prompt: {r['system_prompt']}), answers ending at {', '.join(f'`{t}`' for t in r['stop_tokens'])}. "
