@@ -70,3 +70,13 @@ def provenance(cwd=None):
         commit=commit.stdout.strip() or None,
         date=datetime.date.today().isoformat(),
     )
+
+
+def prepare_hashes(lock="dvc.lock"):
+    """DVC's content hash of each dependency and output of the prepare stage (the raw data, the prepared
+    splits, its code), from dvc.lock: {path: md5}; {} before the first run."""
+    import yaml
+
+    lock = Path(lock)
+    prepare = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}) if lock.exists() else {}
+    return {e["path"]: e.get("md5") for e in prepare.get("deps", []) + prepare.get("outs", [])}

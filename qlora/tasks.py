@@ -393,9 +393,15 @@ def task_for(setting, labels=(), train_answers=()):
     return task
 
 
-def task_of(rows):
-    """The kind of task whose scores per-example rows (a run's predictions.json) hold."""
+NAMED = object()
+
+
+def task_of(rows, default=NAMED):
+    """The kind of task whose scores per-example rows (a run's predictions.json) hold; `default` where none
+    does, if given (else the rows are named as an error)."""
     kind = next((kind for kind in TASKS.values() if kind.owns(rows)), None)
+    if kind is None and default is not NAMED:
+        return default
     if kind is None:
         raise SystemExit("the per-example rows hold no task's scores" + (f": {', '.join(rows[0])}" if rows else ""))
     return kind()

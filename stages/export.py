@@ -42,7 +42,7 @@ import yaml
 from qlora import cores
 from qlora.console import done, quiet_known_noise
 from qlora.models import is_quantized, load_model
-from qlora.outputs import atomic_dir, log, write_json
+from qlora.outputs import atomic_dir, log, prepare_hashes, write_json
 from qlora.params import load_params
 from qlora.scoring import (answer_budget, decode_answers, example_losses, generate_answer_ids, greedy_answers_like,
                            loss_summary, paired_interval)
@@ -347,9 +347,7 @@ def modelfile(gguf_name, tokenizer, p, add_bos_token):
 
 def data_version(p):
     """DVC's content hashes of the raw file and the prepared splits, from dvc.lock."""
-    lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
-    prepare = lock.get("stages", {}).get("prepare", {})
-    entries = {e["path"]: e.get("md5") for e in prepare.get("deps", []) + prepare.get("outs", [])}
+    entries = prepare_hashes()
     return {path: entries.get(path) for path in (p.paths.raw, p.paths.prepared)}
 
 

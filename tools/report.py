@@ -378,15 +378,15 @@ def scatter_spec(rows):
     values, bases = [], set()
     for r in rows:
         preds = predictions_at(r["rev"]) if r["status"] == "Success" and r["rev"] != "workspace" else None
-        kind = next((t for t in TASKS.values() if t.owns(preds)), None) if preds else None
-        points = kind().scatter(preds) if kind else []
+        task = task_of(preds, None) if preds else None
+        points = task.scatter(preds) if task else []
         if not points:
             continue
         values += [dict(p, run=r["name"]) for p in points]
         if r["test_set"] not in bases:
             bases.add(r["test_set"])
             base = "base model" + (f" (test set {test_set_names(rows)[r['test_set']]})" if test_set_names(rows) else "")
-            values += [dict(p, run=base) for p in kind().scatter(preds, "base_")]
+            values += [dict(p, run=base) for p in task.scatter(preds, "base_")]
     if not values:
         return None
     low, high = (f(v[k] for v in values for k in ("reference", "prediction")) for f in (min, max))
@@ -519,13 +519,9 @@ def wait_for_queue(timeout=24 * 3600):
 
 def data_version():
     """The raw data and the prepared splits the workspace's runs read, by DVC's content hash (dvc.lock)."""
-    import yaml
+    from qlora.outputs import prepare_hashes
 
-    lock = Path("dvc.lock")
-    stages = yaml.safe_load(lock.read_text()).get("stages", {}) if lock.exists() else {}
-    prepare = stages.get("prepare", {})
-    return {e["path"]: e.get("md5") for e in prepare.get("deps", []) + prepare.get("outs", [])
-            if not e["path"].endswith(".py")}
+    return {path: md5 for path, md5 in prepare_hashes().items() if not path.endswith(".py")}
 
 
 def noise(seeds, out, data_seeds=False):
