@@ -275,7 +275,7 @@ class Evaluate:
 
 @dataclass(frozen=True, config=SCHEMA)
 class Export:
-    dtype: choice(*COMPUTE_DTYPES)
+    dtype: choice("auto", *COMPUTE_DTYPES)
     check_examples: PositiveInt
     loss_tolerance: PositiveNumber
     metric_tolerance: Annotated[Number, must("in [0, 1]", ge=0, le=1)]

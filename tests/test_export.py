@@ -134,7 +134,7 @@ def test_export_on_demand_loads_no_model_and_always_exports_it_later(tiny_projec
     again = json.loads((p / "metrics/export.json").read_text())
     assert again["exported"] is True and again["test_loss"] == exported["test_loss"]
     assert (p / "models/export/model.safetensors").exists()
-    assert json.loads((p / "metrics/exported.json").read_text()) == {"export": "written"}
+    assert json.loads((p / "metrics/exported.json").read_text()) == {"export": "written", "dtype": "bfloat16"}
 
 
 @pytest.mark.parametrize("source", ["bundled", "gguf", "local", "hub"])
@@ -148,6 +148,28 @@ def test_the_model_card_names_the_base_of_every_source(source):
     base = SimpleNamespace(source=source, path={"gguf": "/m/tiny.gguf", "local": "/m/tiny"}.get(source),
                            hub_id="org/model" if source == "hub" else None, revision="abc123")
     p = SimpleNamespace(base=base, quantize=SimpleNamespace(bits=4), export=SimpleNamespace(dtype="bfloat16"))
-    card = model_card(p, SimpleNamespace(model_type="llama", num_hidden_layers=2), {}, {}, {}, {})
+    card = model_card(p, "bfloat16", SimpleNamespace(model_type="llama", num_hidden_layers=2), {}, {}, {}, {})
     assert {"bundled": "SmolLM2-135M-Instruct", "gguf": "GGUF file tiny.gguf", "local": "local folder /m/tiny",
             "hub": "org/model at revision abc123"}[source] in card
+
+
+def test_auto_exports_float32_where_the_bfloat16_check_refuses(tiny_project):
+    """export.dtype auto: bfloat16 where its check passes (the reproduced project's export), else float32. Here
+    the loss tolerance is set under the bf16 export's measured distance from the adapter, so bf16 is refused;
+    the float32 merge, the unmerged model up to the merge's error, passes and is written."""
+    from safetensors import safe_open
+
+    p = tiny_project
+    bf16 = json.loads((p / "metrics/export.json").read_text())
+    assert bf16["dtype"] == "bfloat16" and bf16["dtype_setting"] == "auto"
+    gap = abs(bf16["test_loss"] - bf16["adapter_test_loss"])
+    set_params(p / "params.yaml", {"export.loss_tolerance": gap / 3})
+    assert repro(p) == {"validate", "export"}
+    check = json.loads((p / "metrics/export.json").read_text())
+    assert check["dtype"] == "float32" and check["exported"] is True
+    assert "export.loss_tolerance" in check["bfloat16_refused"] and check["bfloat16_test_loss"] == bf16["test_loss"]
+    assert abs(check["test_loss"] - check["adapter_test_loss"]) <= gap / 3
+    assert json.loads((p / "metrics/exported.json").read_text()) == {"export": "written", "dtype": "float32"}
+    with safe_open(p / "models/export/model.safetensors", "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
+    assert "saved in float32 (export.dtype auto)" in (p / "models/export/README.md").read_text()

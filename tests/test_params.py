@@ -38,7 +38,7 @@ def test_the_shipped_params_are_valid():
     ("base.source", "s3", "base.source must be one of bundled, local, gguf, hub, got 's3'"),
     ("tokenize.template", "chatml", "tokenize.template must be one of auto, chat, plain, got 'chatml'"),
     ("lora.target_modules", "all", "lora.target_modules must be a non-empty list of module names, or all-linear"),
-    ("export.dtype", "int8", "export.dtype must be one of bfloat16, float16, float32, got 'int8'"),
+    ("export.dtype", "int8", "export.dtype must be one of auto, bfloat16, float16, float32, got 'int8'"),
     ("export.check_examples", 0, "export.check_examples must be a positive integer, got 0"),
 ])
 def test_bad_value_names_file_key_and_value(params_file, key, value, message):
