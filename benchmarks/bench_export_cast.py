@@ -98,6 +98,7 @@ def main():
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="export-cast-"))
     project = folder / "project"
+    folder.mkdir(parents=True, exist_ok=True)
     sh(["git", "clone", "-q", str(ROOT), str(project)], folder)
     env = dict(subprocess.os.environ, PATH=f"{Path(sys.executable).parent}:{subprocess.os.environ['PATH']}")
     sh(["dvc", "cache", "dir", "--local", str(ROOT / ".dvc/cache")], project, env)
