@@ -310,6 +310,30 @@ def export_check():
     return "\n".join(lines)
 
 
+def export_cast():
+    """What a bf16 cast of the merged weights keeps of the adapter, by how long it trained
+    (benchmarks/bench_export_cast.py)."""
+    rows = read("export-cast", "benchmarks/results")["rows"]
+    loss = lambda v: "" if v is None else v  # noqa: E731
+    lines = ["| run | steps | update / weight (median) | bf16 cast error / update | float16 cast error / update "
+             "| test loss: base / adapter | bf16 export (its share of the gain) | written |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        bf16 = (f"{r['export_test_loss']} ({pct(r['export_gain_kept'])})" if r["dtype"] == "bfloat16"
+                else f"{loss(r['bfloat16_test_loss'])} ({pct(r['bfloat16_gain_kept'])}): refused")
+        written = f"{r['dtype']}, test loss {r['export_test_loss']}" if r["exported"] else "nothing"
+        lines.append(f"| {name} | {r['steps']} | {pct(r['update_over_weight_median'], 2)} "
+                     f"| {pct(r['bfloat16_cast_error_over_update'])} | {pct(r['float16_cast_error_over_update'])} "
+                     f"| {r['base_test_loss']} / {r['adapter_test_loss']} | {bf16} | {written} |")
+    first = next(iter(rows.values()))
+    grid = {r["base_weights_on_bf16_grid"] for r in rows.values()}
+    lines += ["", f"`lora.r` {', '.join(map(str, sorted({r['lora_r'] for r in rows.values()})))}; compute dtype "
+                  f"{first['compute_dtype']}; {first['merged_layers']} merged layers; share of base weights a bf16 "
+                  f"cast leaves as they are: {', '.join(pct(g) for g in sorted(grid))}; export.loss_tolerance "
+                  f"{first['loss_tolerance']}; {first['provenance']['machine']}, {first['provenance']['date']}."]
+    return "\n".join(lines)
+
+
 def levers_speed():
     """What each speed lever costs and saves in the train stage (benchmarks/bench_levers.py)."""
     r = read("levers", "benchmarks/results")
@@ -615,6 +639,7 @@ BLOCKS = {
     "profile-step": profile("profile-step"),
     "levers-speed": levers_speed,
     "export-check": export_check,
+    "export-cast": export_cast,
     "parallel": parallel,
     "experiment-cost": experiment_cost,
     "scale": scale,
@@ -652,6 +677,8 @@ RESULTS = {
         + (f" ({r['isa_cap'].upper()} cap)" if r.get("isa_cap") else "")),
     "benchmarks/results/compute-dtype": Written(
         "benchmarks/bench_compute_dtype.py", None, ".venv/bin/python benchmarks/bench_compute_dtype.py"),
+    "benchmarks/results/export-cast": Written(
+        "benchmarks/bench_export_cast.py", "rows", ".venv/bin/python benchmarks/bench_export_cast.py --steps 6 20"),
     "benchmarks/results/tune-workers": Written(
         "benchmarks/bench_tune_workers.py", "studies",
         ".venv/bin/python benchmarks/bench_tune_workers.py --workers 2 --trials 6", lambda r: r["study"]),
