@@ -8,6 +8,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Nothing here needs the model or dataset hub; users on the hub set base.source: hub.
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
+# make test: pytest-xdist workers, one per core (tests/conftest.py shares the cores among them)
+WORKERS ?= $(shell nproc)
 
 .PHONY: repro test install clean exps plots compare noise tune tune-report docs s3-server pg-server
 
@@ -17,7 +19,7 @@ repro: $(VENV)/.installed
 	python -m tools.report exps  # the run's key metrics, test metrics ± their 95% interval
 
 test: $(VENV)/.installed-dev
-	python -m pytest -q --durations=25 tests  # the slowest tests listed, to keep CI inside its time
+	python -m pytest -q -n $(WORKERS) --dist loadgroup --durations=25 tests  # the slowest tests listed, to keep CI inside its time
 
 install: $(VENV)/.installed
 

@@ -20,12 +20,43 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "qlora", "tools", "acceler
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# `make test` runs the suite on one pytest-xdist worker per core. Most of a test's time is a stage's
+# Python (its imports, the trainer's loop around a 2-layer model), on one core, so a second worker
+# uses the core the first leaves idle. Each worker's torch processes get a fixed, equal share of the
+# cores: the same thread count in every run, so two runs a test compares agree as they do alone.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("QLORA_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
 
+# Tests that read one session fixture built at great cost run on one worker (`--dist loadgroup`):
+# the reduced real default's run, read by these two modules.
+SHARED_RUN_GROUPS = {"test_real_default": "real", "test_overfitting": "real"}
+
+
+def pytest_configure(config):
+    if WORKERS > 1:
+        import torch
+
+        torch.set_num_threads(int(os.environ["QLORA_THREADS"]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_peak_cache(tmp_path_factory):
+    """Each worker keeps its own measured matmul peaks (qlora/cost.py), off the user's cache: two
+    workers' stages never read the file while the other writes it."""
+    if WORKERS > 1:
+        os.environ.setdefault("QLORA_CACHE", str(tmp_path_factory.mktemp("qlora-cache")))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     import torch
 
     cuda = torch.cuda.is_available()
     for item in items:
+        # A module's tests run on one worker, so its module-scoped fixtures are built once.
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(SHARED_RUN_GROUPS.get(module, module)))
         if item.get_closest_marker("cuda") and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if item.get_closest_marker("cpu") and cuda:
