@@ -19,7 +19,7 @@ repro: $(VENV)/.installed
 	python -m tools.report exps  # the run's key metrics, test metrics ± their 95% interval
 
 test: $(VENV)/.installed-dev
-	python -m pytest -q -n $(WORKERS) --dist loadgroup --durations=25 tests  # the slowest tests listed, to keep CI inside its time
+	python -m pytest -q -n $(WORKERS) --durations=25 tests  # the slowest tests listed, to keep CI inside its time
 
 install: $(VENV)/.installed
 

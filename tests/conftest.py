@@ -28,9 +28,31 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
     os.environ.setdefault("QLORA_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
 
-# Tests that read one session fixture built at great cost run on one worker (`--dist loadgroup`):
-# the reduced real default's run, read by these two modules.
-SHARED_RUN_GROUPS = {"test_real_default": "real", "test_overfitting": "real"}
+# How `make test` spreads the suite: each module's tests run on one worker, so its module-scoped fixtures
+# are built once; the two modules that read the one reduced real run share a worker (it is built once
+# per worker). The modules that reproduce whole pipelines go first, costliest first (make test's
+# --durations), so that no worker is left running one of them alone at the end.
+SHARED_RUN = {"tests/test_overfitting.py": "tests/test_real_default.py"}
+COSTLIEST_FIRST = ["test_real_default", "test_overfitting", "test_experiments", "test_pipeline", "test_tune_workers",
+                   "test_models", "test_regression", "test_tasks", "test_tune", "test_gguf", "test_faults",
+                   "test_console", "test_remotes", "test_curves"]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules to the workers, in the collection's order (pytest_collection_modifyitems)."""
+    if config.getvalue("dist") not in ("load", "loadscope"):  # another mode, asked for by name
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    assert callable(getattr(LoadScopeScheduling, "_split_scope", None)), "pytest-xdist renamed the scope split"
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return SHARED_RUN.get(module, module)
+
+    config.option.loadscopereorder = False  # not by test count: the order set below
+    return ByModule(config, log)
 
 
 def pytest_configure(config):
@@ -48,15 +70,13 @@ def own_peak_cache(tmp_path_factory):
         os.environ.setdefault("QLORA_CACHE", str(tmp_path_factory.mktemp("qlora-cache")))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     import torch
 
     cuda = torch.cuda.is_available()
+    rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the rest as collected
     for item in items:
-        # A module's tests run on one worker, so its module-scoped fixtures are built once.
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(SHARED_RUN_GROUPS.get(module, module)))
         if item.get_closest_marker("cuda") and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if item.get_closest_marker("cpu") and cuda:
@@ -271,14 +291,14 @@ def reproduced_project(tmp_path_factory, tiny_model_dir):
 
 
 # The one reduced run of the real default (the bundled SmolLM2-135M, 4-bit NF4, the Debian data):
-# 16 train examples, 12 epochs at a constant rate three times the default's. The pretrained model learns
+# 16 train examples, 16 epochs at a constant rate three times the default's. The pretrained model learns
 # the task within a few epochs, then memorises the train split. tests/test_real_default.py checks the real
 # path (GGUF, bitsandbytes on this CPU, trainer, generation, export) on this run, and
 # tests/test_overfitting.py its curves: one run serves both.
 REAL_EVAL_STEPS = 8
 REAL_OVERRIDES = {
     "data.max_per_label": 4,  # 8 labels: 16 train, 8 val, 8 test
-    "train.epochs": 12, "train.max_steps": -1, "train.batch_size": 4,  # 48 steps
+    "train.epochs": 16, "train.max_steps": -1, "train.batch_size": 4,  # 64 steps
     "train.learning_rate": 0.003, "train.lr_scheduler": "constant", "train.warmup_ratio": 0.0,
     "lora.dropout": 0.0, "train.eval_steps": REAL_EVAL_STEPS, "train.logging_steps": 4, "train.checkpoint_steps": 0,
 }

@@ -136,7 +136,7 @@ def test_compare_report_and_offline_plots(swept, tmp_path):
     assert console[1].split()[:2] == ["★", best], "lowest val loss first"
     assert len(table_lines(console)) == 1 + 3
     assert all(re.search(r"\d ±0\.\d+ ", line) for line in console[1:4]), "test metrics with their interval"
-    only = run([*python, "exps", "--exps", "small"], p).stdout.splitlines()[1:]
+    only = run(["env", "COLUMNS=200", *python, "exps", "--exps", "small"], p).stdout.splitlines()[1:]
     assert len(only) == 1 and only[0].split()[0] == "small", "only the one named"
     narrow = run(["env", "COLUMNS=80", *python, "exps", *same_split], p).stdout.splitlines()
     assert all(len(line) <= 80 for line in narrow) and "Left out at 80 columns: " in narrow[len(table_lines(narrow))]
