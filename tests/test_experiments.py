@@ -70,12 +70,15 @@ def test_queued_grid_on_two_workers_runs_every_point_with_its_own_metrics(swept)
     from stages.evaluate import COST, SCORES
 
     sources = {k.format(primary="accuracy"): v.format(primary="accuracy") for k, v in {**SCORES, **COST}.items()}
-    assert all(set(m) == set(sources) for _, m in rows.values())
+    # An MFU is null where the run beat even a peak measured again (a peak measured on a busy machine:
+    # qlora/cost.py), and `dvc exp show` leaves a null out. Every other key is always shown.
+    assert all(set(sources) - set(m) <= {"mfu"} and set(m) <= set(sources) for _, m in rows.values())
     one = next(e["revs"][0] for b in shown for e in b.get("experiments") or [])
     figures = {}
     for file in ("metrics/train.json", "metrics/evaluate.json"):
         figures.update(json.loads(run(["git", "show", f"{one['rev']}:{file}"], p).stdout))
-    assert one["data"]["metrics"]["metrics/scores.json"]["data"] == {k: figures[v] for k, v in sources.items()}
+    assert one["data"]["metrics"]["metrics/scores.json"]["data"] == \
+        {k: figures[v] for k, v in sources.items() if figures[v] is not None}
     assert len({m["val_loss"] for _, m in rows.values()}) == len(GRID), "each grid point has its own result"
 
 
