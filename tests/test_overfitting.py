@@ -6,8 +6,8 @@ The rate: at the default's, the model learns the task and then keeps improving s
 computes in float32 (a CPU without native bf16: quantize.compute_dtype auto); only bf16's rounding made
 its val loss wander up. At three times the rate it learns the task within four epochs and then memorises
 the train split in either dtype. Its val loss on 8 examples is noisy, though: at 12 epochs, one thread
-instead of two (the same seed, bf16) left it only 9% above its best at the end. By the sixteenth it ends
-well above its best with either thread count, in either dtype (measured on AMD EPYC: 92% to 214%)."""
+instead of two (the same seed, bf16) left it just under this test's bound at the end. By the sixteenth it
+ends well above its best with either thread count, in either dtype (AMD EPYC, one and two threads)."""
 
 import json
 import re
