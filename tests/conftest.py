@@ -38,6 +38,7 @@ COSTLIEST_FIRST = ["test_real_default", "test_overfitting", "test_experiments", 
                    "test_console", "test_remotes", "test_curves"]
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: none without it (-p no:xdist)
 def pytest_xdist_make_scheduler(config, log):
     """Whole modules to the workers, in the collection's order (pytest_collection_modifyitems)."""
     if config.getvalue("dist") not in ("load", "loadscope"):  # another mode, asked for by name

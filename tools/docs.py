@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 from collections import namedtuple
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # where the pages and result files are (a test points it elsewhere)
@@ -63,8 +64,15 @@ def shown(commit, path):
     """The text of `path` at a commit (a full hash), or None where it did not exist there."""
     key = ("blob", str(ROOT), commit, path)
     if key not in CACHE:
-        found = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True)
-        CACHE[key] = found.stdout.decode() if found.returncode == 0 else None
+        reader = CACHE.get(("reader", str(ROOT)))
+        if reader is None:  # one `git cat-file` for every file read: a check reads a thousand
+            reader = CACHE["reader", str(ROOT)] = subprocess.Popen(["git", "cat-file", "--batch"], cwd=ROOT,
+                                                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        reader.stdin.write(f"{commit}:{path}\n".encode())
+        reader.stdin.flush()
+        header = reader.stdout.readline().split()  # "<hash> blob <size>", or "<name> missing"
+        found = reader.stdout.read(int(header[2]) + 1)[:-1] if len(header) == 3 else None
+        CACHE[key] = found.decode() if found is not None and header[1] == b"blob" else None
     return CACHE[key]
 
 
@@ -735,6 +743,7 @@ def declared(code):
     return files
 
 
+@cache  # one file's text is fingerprinted again for each row and commit that reads it
 def fingerprint(path, text):
     """What of a file is behaviour: a Python module's syntax tree without its docstrings (comments are not
     in it), a YAML file's data, another file's lines without comments and blank lines. None: no such file."""
