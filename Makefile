@@ -8,8 +8,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Nothing here needs the model or dataset hub; users on the hub set base.source: hub.
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
-# make test: pytest-xdist workers, one per core (tests/conftest.py shares the cores among them)
-WORKERS ?= $(shell nproc)
+# make test: pytest-xdist workers, one more than the cores, to keep them busy while a test waits
+# (tests/conftest.py shares the cores among them)
+WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 .PHONY: repro test install clean exps plots compare noise tune tune-report docs s3-server pg-server
 

@@ -4,6 +4,7 @@ Everything runs offline on CPU. The tiny model has the real vocabulary (so the r
 chat template and tokenizer are exercised) but 2 layers of width 64.
 """
 
+import json
 import os
 import re
 import shutil
@@ -20,10 +21,11 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "qlora", "tools", "acceler
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# `make test` runs the suite on one pytest-xdist worker per core. Most of a test's time is a stage's
-# Python (its imports, the trainer's loop around a 2-layer model), on one core, so a second worker
-# uses the core the first leaves idle. Each worker's torch processes get a fixed, equal share of the
-# cores: the same thread count in every run, so two runs a test compares agree as they do alone.
+# `make test` runs the suite on pytest-xdist workers, one more than the cores. Most of a test's time is a
+# stage's Python (its imports, the trainer's loop around a 2-layer model), on one core, so a second worker
+# uses the core the first leaves idle, and one more the time a test waits. Each worker's torch processes
+# get a fixed, equal share of the cores: the same thread count in every run, so two runs a test compares
+# agree as they do alone.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
     os.environ.setdefault("QLORA_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
@@ -69,6 +71,33 @@ def own_peak_cache(tmp_path_factory):
     workers' stages never read the file while the other writes it."""
     if WORKERS > 1:
         os.environ.setdefault("QLORA_CACHE", str(tmp_path_factory.mktemp("qlora-cache")))
+
+
+def built_once(tmp_path_factory, name, build):
+    """`build(folder)` (which returns what the fixture gives, as JSON) run once for the whole suite: under
+    xdist the first worker to ask builds it in the run's shared temporary folder while the others wait,
+    then read it. A test copies what it changes (copy_project)."""
+    if WORKERS <= 1:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # each worker's basetemp is a folder of this one
+    record = shared / f"{name}.json"
+    with FileLock(shared / f"{name}.lock"):
+        if not record.exists():  # a build that failed left none: the next worker to ask tries again
+            folder = shared / name
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            record.write_text(json.dumps(build(folder)))
+    return json.loads(record.read_text())
+
+
+def copy_project(src, dest):
+    """A copy of a project for a test to change, without DVC's lock and index files (.dvc/tmp): another
+    worker may be reading the original."""
+    shutil.copytree(src, dest, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    return dest
 
 
 def pytest_collection_modifyitems(config, items):
@@ -130,9 +159,11 @@ def tokenizer_dir(tmp_path_factory):
 
     from stages.base import BUNDLED_GGUF, bundled_dir
 
-    out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(bundled_dir(), gguf_file=BUNDLED_GGUF).save_pretrained(out)
-    return out
+    def build(out):
+        AutoTokenizer.from_pretrained(bundled_dir(), gguf_file=BUNDLED_GGUF).save_pretrained(out)
+        return str(out)
+
+    return Path(built_once(tmp_path_factory, "tokenizer", build))
 
 
 @pytest.fixture(scope="session")
@@ -141,12 +172,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_config(len(tokenizer))).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    def build(out):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        torch.manual_seed(0)
+        LlamaForCausalLM(tiny_config(len(tokenizer))).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return str(out)
+
+    return Path(built_once(tmp_path_factory, "tiny-llama", build))
 
 
 @pytest.fixture(scope="session")
@@ -284,11 +317,15 @@ def repro(project, env=None):
 
 @pytest.fixture(scope="session")
 def reproduced_project(tmp_path_factory, tiny_model_dir):
-    """The real pipeline reproduced once in a temporary git + DVC repo, on the tiny local model."""
-    project = make_project(tmp_path_factory.mktemp("reproduced") / "project",
-                           {**TINY_OVERRIDES, "base.source": "local", "base.path": str(tiny_model_dir)})
-    ran = repro(project)
-    return project, ran
+    """The real pipeline reproduced once in a temporary git + DVC repo, on the tiny local model. Read it,
+    or change a copy (tiny_project)."""
+    def build(folder):
+        project = make_project(folder / "project",
+                               {**TINY_OVERRIDES, "base.source": "local", "base.path": str(tiny_model_dir)})
+        return str(project), sorted(repro(project))
+
+    project, ran = built_once(tmp_path_factory, "reproduced", build)
+    return Path(project), set(ran)
 
 
 # The one reduced run of the real default (the bundled SmolLM2-135M, 4-bit NF4, the Debian data):
@@ -314,6 +351,15 @@ def real_project(tmp_path_factory):
 @pytest.fixture
 def tiny_project(tmp_path, reproduced_project):
     """A private copy of the reproduced project, for a test to change."""
-    dest = tmp_path / "project"
-    shutil.copytree(reproduced_project[0], dest, symlinks=True)
+    return copy_project(reproduced_project[0], tmp_path / "project")
+
+
+def reproduced_copy(dest, reproduced_project, overrides):
+    """A copy of the reproduced project (the tiny model) with the shipped params changed as `overrides`
+    (only those: TINY_OVERRIDES are not kept), as a user edits a project that has run: the stages that
+    read none of the changed params or data (base and quantize) need not run again."""
+    copy_project(reproduced_project[0], dest)
+    base = yaml.safe_load((dest / "params.yaml").read_text())["base"]  # the tiny model
+    shutil.copy(ROOT / "params.yaml", dest / "params.yaml")
+    set_params(dest / "params.yaml", {"base.source": base["source"], "base.path": base["path"], **overrides})
     return dest

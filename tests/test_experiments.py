@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import run
+from conftest import copy_project, run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -41,8 +41,7 @@ GRID = {(2, 42): "small", (16, 42): "large", (2, 7): "other-split", (16, 7): "ot
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, reproduced_project):
     """The reproduced project with GRID queued in one command and run on two workers."""
-    p = tmp_path_factory.mktemp("swept") / "project"
-    shutil.copytree(reproduced_project[0], p, symlinks=True)
+    p = copy_project(reproduced_project[0], tmp_path_factory.mktemp("swept") / "project")
     run(["dvc", "exp", "run", "--queue", "-S", "lora.r=2,16", "-S", "data.seed=42,7"], p)
     assert "Started '2' new experiments task queue worker" in run(["dvc", "queue", "start", "-j", "2"], p).stdout
     deadline = time.time() + 900

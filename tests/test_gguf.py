@@ -30,10 +30,9 @@ def test_the_converter_does_not_replace_the_pinned_gguf_module():
 @pytest.fixture(scope="module")
 def gguf_project(tmp_path_factory, reproduced_project):
     """The reproduced tiny project exported again with a q8_0 GGUF (conftest.TINY_OVERRIDES writes none)."""
-    import shutil
+    from conftest import copy_project
 
-    p = tmp_path_factory.mktemp("gguf") / "project"
-    shutil.copytree(reproduced_project[0], p, symlinks=True)
+    p = copy_project(reproduced_project[0], tmp_path_factory.mktemp("gguf") / "project")
     set_params(p / "params.yaml", {"export.gguf": "q8_0"})
     assert repro(p) == {"validate", "export"}
     return p

@@ -16,10 +16,10 @@ from conftest import locked_stages, repro, run, set_params
 ALL = {"validate", "base", "prepare", "tokenize", "quantize", "train", "evaluate_base", "evaluate", "export"}
 
 
-def test_reproduced_pipeline_writes_every_output(reproduced_project):
+def test_reproduced_pipeline_writes_every_output(reproduced_project, tiny_project):
     p, ran = reproduced_project
     assert ran == ALL
-    assert repro(p) == set(), "a second repro runs nothing"
+    assert repro(tiny_project) == set(), "a second repro (of a copy: others read this one) runs nothing"
 
     with safe_open(p / "models/adapter/adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
@@ -52,8 +52,8 @@ def would_rerun(project):
     import networkx as nx
     from dvc.repo import Repo
 
-    changed = set(json.loads(run(["dvc", "status", "--json"], project).stdout))
     with Repo(str(project)) as repo:
+        changed = set(repo.status())  # what `dvc status` lists
         graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
         return changed | {later.name for stage in graph if stage.name in changed - {"validate"}
                           for later in nx.ancestors(graph, stage)}
@@ -89,7 +89,7 @@ def test_stage_skip_matrix(tiny_project):
         (p / "params.yaml").write_text(params)
     assert would_rerun(p) == set()
 
-    for change, expected in cases[6], cases[10]:  # through an output that changes; the cheapest
+    for change, expected in cases[0], cases[10]:  # through an output that changes (the adapter); the cheapest
         set_params(p / "params.yaml", change)
         predicted = would_rerun(p)
         assert repro(p) == predicted == {"validate"} | expected, change

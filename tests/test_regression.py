@@ -108,17 +108,16 @@ def test_a_reference_that_is_not_a_number_is_named():
 
 
 @pytest.fixture(scope="module")
-def counting_project(tmp_path_factory, tiny_model_dir):
+def counting_project(tmp_path_factory, reproduced_project):
     """A numeric task the project was not built around: how many words a Debian package's description
-    has, from the bundled data, switched to by the data keys alone."""
+    has, from the bundled data, switched to by the data keys alone in a project that has run."""
     import gzip
 
     import pandas as pd
 
-    from conftest import ROOT, TINY_OVERRIDES, make_project, repro, set_params
+    from conftest import ROOT, TINY_OVERRIDES, repro, reproduced_copy, set_params
 
-    project = make_project(tmp_path_factory.mktemp("counting") / "project",
-                           {**TINY_OVERRIDES, "base.source": "local", "base.path": str(tiny_model_dir)})
+    project = reproduced_copy(tmp_path_factory.mktemp("counting") / "project", reproduced_project, TINY_OVERRIDES)
     with gzip.open(ROOT / "data/raw/debian-bookworm-packages.csv.gz") as f:
         rows = pd.read_csv(f, nrows=60)
     rows["words"] = rows["description"].str.split().str.len()
@@ -126,7 +125,7 @@ def counting_project(tmp_path_factory, tiny_model_dir):
     set_params(project / "params.yaml", {
         "paths.raw": "data/raw/words.csv", "data.completion_field": "words", "data.labels": [],
         "data.prompt_template": "How many words are in this description?\n{description}"})
-    repro(project)
+    assert not repro(project) & {"base", "quantize"}, "the same model: quantized once, for both projects"
     return project
 
 

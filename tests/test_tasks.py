@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from conftest import make_project, repro, run, set_params
+from conftest import repro, reproduced_copy, run, set_params
 
 GENERATION = ("exact_match", "chrf", "rouge_l", "answered")
 
@@ -27,16 +27,15 @@ def write_questions(path):
 
 
 @pytest.fixture(scope="module")
-def chat_project(tmp_path_factory, tiny_model_dir):
-    project = make_project(tmp_path_factory.mktemp("chat") / "project", {
-        "base.source": "local", "base.path": str(tiny_model_dir),
+def chat_project(tmp_path_factory, reproduced_project):
+    project = reproduced_copy(tmp_path_factory.mktemp("chat") / "project", reproduced_project, {
         "train.max_steps": 3, "train.batch_size": 4, "train.logging_steps": 1, "train.eval_steps": 1,
     })
     rows = write_questions(project / "data/raw/questions.jsonl")
     # The edit a user makes, and nothing else: the data keys.
     set_params(project / "params.yaml", {"paths.raw": "data/raw/questions.jsonl", "data.messages_field": "messages",
                                          "data.labels": []})
-    repro(project)
+    assert not repro(project) & {"base", "quantize"}, "the same model: quantized once, for both projects"
     return project, rows
 
 
