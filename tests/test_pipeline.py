@@ -53,7 +53,7 @@ def would_rerun(project):
     from dvc.repo import Repo
 
     with Repo(str(project)) as repo:
-        changed = set(repo.status())  # what `dvc status` lists
+        changed = {address.rsplit(":", 1)[-1] for address in repo.status()}  # what `dvc status` lists, by name
         graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
         return changed | {later.name for stage in graph if stage.name in changed - {"validate"}
                           for later in nx.ancestors(graph, stage)}
