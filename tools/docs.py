@@ -86,6 +86,15 @@ def text_of(relative):
     return (ROOT / relative).read_text()
 
 
+def forget():
+    """Drop what the last run worked out, and end its `git cat-file` readers."""
+    for key, reader in CACHE.items():
+        if key[0] == "reader":
+            reader.stdin.close()
+            reader.wait()
+    CACHE.clear()
+
+
 def read(name, folder="metrics"):
     READ.add(f"{folder}/{name}")
     return json.loads(text_of(f"{folder}/{name}.json"))
@@ -923,7 +932,7 @@ def main(argv=None):
     parser.add_argument("--stale", action="store_true",
                         help="list every results row measured on code that has changed since, and its refresh command")
     args = parser.parse_args(argv)
-    CACHE.clear()  # the working tree, HEAD and the results may have changed since the last call
+    forget()  # the working tree, HEAD and the results may have changed since the last call
     SOURCE = None
     if args.check:
         SOURCE = commit_of("HEAD")
